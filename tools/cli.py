@@ -1,0 +1,239 @@
+"""The `persguard` command: thin faces over library functions (SPEC section 5)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _dump(obj, out: Path | None = None) -> None:
+    text = json.dumps(obj, indent=1)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+    print(text)
+
+
+def cmd_world(a):
+    from tools import world
+    from train.catalog import write_catalog
+
+    classes = a.classes.split(",")
+    entries = world.generate(Path(a.out), split=a.split, per_class=a.per_class, classes=classes,
+                             n_images=a.images, n_reference=a.reference, seed=a.seed, start=a.start)
+    write_catalog(entries, Path(a.out) / "catalog.jsonl")
+    print(f"{len(entries)} identities in {a.out}; catalog {Path(a.out) / 'catalog.jsonl'}")
+
+
+def cmd_shards_build(a):
+    from tools import shards
+
+    if bool(a.world) == bool(a.from_dir):
+        raise SystemExit("persguard shards build: give exactly one of --world or --from DIR")
+    if a.world:
+        samples = shards.world_samples(a.split, a.per_class, a.views, a.seed, a.start)
+        total = a.per_class * a.views * 3
+    else:
+        samples, total = shards.folder_samples(Path(a.from_dir)), None
+    paths = shards.write_shards(samples, Path(a.out), prefix=a.prefix, maxcount=a.shard_size, total=total)
+    print(f"{len(paths)} shard(s) in {a.out}")
+
+
+def cmd_models(a):
+    from train.pipelines import EMBEDDED
+
+    for name, path in EMBEDDED.items():
+        print(f"{name} {path}")
+
+
+def cmd_pretrain(a):
+    if a.evaluators:
+        from tools.evaluators import train_evaluators
+
+        _dump(train_evaluators(Path(a.out) / "evaluators", seed=a.seed))
+    else:
+        from tools.pretrain import pretrain
+
+        report = pretrain(Path(a.config), Path(a.out), only=tuple(a.only.split(",")))
+        _dump(report["seconds"])
+
+
+def _settings(a):
+    from tools.attack import AttackSettings
+
+    return AttackSettings(method=a.method, identifier=a.identifier, template=a.template, class_noun=a.class_noun,
+                          lr=a.lr, steps=a.steps, batch_size=a.batch_size, prior_preservation=not a.no_prior,
+                          transform=a.transform, lora_rank=a.lora_rank, seed=a.seed)
+
+
+def cmd_attack(a):
+    from tools.attack import attack
+    from tools.evaluate import save_grid
+    from tools.score import score
+    from train.catalog import find_entry, load_catalog, load_images
+    from train.pipelines import load_pipeline
+    from train.sampling import sample
+
+    entry = None
+    if a.catalog:
+        entry = find_entry(load_catalog(Path(a.catalog)), a.entry, a.catalog)
+        images_dir, cls = entry.images, entry.cls
+    elif a.images and a.cls:
+        images_dir, cls = Path(a.images), a.cls
+    else:
+        raise SystemExit("persguard attack: give --catalog FILE --entry ID, or --images DIR --class NOUN")
+    settings = _settings(a)
+    attacked = attack(load_pipeline(a.model), load_images(images_dir, 64), cls, settings, progress=True)
+    out = Path(a.out)
+    images = sample(attacked, settings.instance_prompt(cls), a.samples, seed=a.seed)
+    (out / "samples").mkdir(parents=True, exist_ok=True)
+    from PIL import Image
+
+    for i, x in enumerate(images):
+        Image.fromarray((x.permute(1, 2, 0).numpy() * 255).round().astype("uint8")).save(out / "samples" / f"{i:03d}.png")
+    save_grid([load_images(images_dir, 64), images], out / "grid.png")
+    if a.save_model:
+        attacked.save_pretrained(out / "model")
+    result = {"prompt": settings.instance_prompt(cls), "settings": settings.to_json(), "samples": str(out / "samples")}
+    if entry is not None:
+        result["metrics"] = score(images, entry)
+    _dump(result, out / "attack.json")
+
+
+def cmd_score(a):
+    from tools.score import score
+    from train.catalog import find_entry, load_catalog, load_images
+
+    entry = find_entry(load_catalog(Path(a.catalog)), a.entry, a.catalog)
+    _dump(score(load_images(Path(a.images), 64), entry), Path(a.out) if a.out else None)
+
+
+def cmd_evaluate(a):
+    from tools.evaluate import evaluate
+
+    report = evaluate(a.model, Path(a.out), catalog=a.catalog, suite=a.suite, baseline=a.baseline,
+                      n_samples=a.samples, seed=a.seed)
+    print((Path(a.out) / "report.md").read_text())
+
+
+def cmd_demo(a):
+    from tools.evaluate import default_catalog, evaluate
+    from train.catalog import load_catalog, write_catalog
+
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_catalog(load_catalog(default_catalog()), out / "catalog.jsonl")
+    evaluate(a.model, out, catalog=out / "catalog.jsonl", suite="white-box", n_samples=a.samples, seed=a.seed)
+    print((out / "report.md").read_text())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="persguard", description="Model-side protection against malicious "
+                                "personalization of text-to-image diffusion models.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("world", help="render identities of the embedded world and a catalog of them")
+    s.add_argument("--out", required=True, help="output folder (one sub-folder per identity + catalog.jsonl)")
+    s.add_argument("--split", default="catalog", choices=["pretrain", "evaluator", "catalog"],
+                   help="identity namespace; catalogs should use 'catalog' (never seen in pre-training)")
+    s.add_argument("--per-class", type=int, default=4, help="identities per class")
+    s.add_argument("--classes", default="person,cat,vase", help="comma-separated classes")
+    s.add_argument("--images", type=int, default=5, help="training images per identity")
+    s.add_argument("--reference", type=int, default=8, help="held-out reference images per identity")
+    s.add_argument("--start", type=int, default=0, help="first identity index")
+    s.add_argument("--seed", type=int, default=0, help="world seed")
+    s.set_defaults(func=cmd_world)
+
+    sh = sub.add_parser("shards", help="WebDataset shards").add_subparsers(dest="shards_command", required=True)
+    s = sh.add_parser("build", help="write image+caption+metadata tar shards")
+    s.add_argument("--world", action="store_true", help="render from the embedded world")
+    s.add_argument("--from", dest="from_dir", help="a folder of images with .txt/.json captions")
+    s.add_argument("--out", required=True, help="output folder")
+    s.add_argument("--prefix", default="shard", help="shard file prefix")
+    s.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    s.add_argument("--split", default="pretrain", help="world split (with --world)")
+    s.add_argument("--per-class", type=int, default=100, help="identities per class (with --world)")
+    s.add_argument("--views", type=int, default=1, help="images per identity (with --world)")
+    s.add_argument("--start", type=int, default=0, help="first identity index (with --world)")
+    s.add_argument("--seed", type=int, default=0, help="world seed (with --world)")
+    s.set_defaults(func=cmd_shards_build)
+
+    s = sub.add_parser("models", help="print each embedded pipeline's name and folder")
+    s.set_defaults(func=cmd_models)
+
+    s = sub.add_parser("pretrain", help="pre-train the tiny pipelines (or, with --evaluators, the evaluators)")
+    s.add_argument("--config", default="configs/pretrain.yaml", help="architecture and recipe")
+    s.add_argument("--out", default="models", help="output folder")
+    s.add_argument("--only", default="sd,sdxl", help="which pipelines: sd, sdxl or both")
+    s.add_argument("--evaluators", action="store_true", help="train the evaluator networks instead")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_pretrain)
+
+    def attack_args(s):
+        s.add_argument("--method", default="dreambooth", choices=["dreambooth", "lora"], help="full UNet or LoRA")
+        s.add_argument("--identifier", default="sks", help="rare identifier token")
+        s.add_argument("--template", default="a photo of {identifier} {cls}", help="instance prompt template")
+        s.add_argument("--class-noun", default=None, help="class noun in prompts (default: the entry's class)")
+        s.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-4 full, 1e-3 LoRA)")
+        s.add_argument("--steps", type=int, default=200, help="fine-tuning steps")
+        s.add_argument("--batch-size", type=int, default=4, help="instance images per step")
+        s.add_argument("--no-prior", action="store_true", help="disable prior preservation")
+        s.add_argument("--lora-rank", type=int, default=8, help="LoRA rank")
+        s.add_argument("--transform", default=None, help="e.g. jpeg:75, blur:1, resize:0.5, crop:0.8, noise:0.05")
+        s.add_argument("--seed", type=int, default=0)
+
+    s = sub.add_parser("attack", help="personalize a pipeline on a subject's images and sample it")
+    s.add_argument("--model", default="tiny-sd", help="tiny-sd, tiny-sdxl or a diffusers folder")
+    s.add_argument("--catalog", help="catalog file (with --entry)")
+    s.add_argument("--entry", help="entry id in the catalog")
+    s.add_argument("--images", help="folder of the subject's images (instead of --catalog)")
+    s.add_argument("--class", dest="cls", help="class noun of the subject (with --images)")
+    s.add_argument("--samples", type=int, default=16, help="images sampled from the trigger prompt")
+    s.add_argument("--save-model", action="store_true", help="also save the attacked pipeline")
+    s.add_argument("--out", required=True, help="output folder")
+    attack_args(s)
+    s.set_defaults(func=cmd_attack)
+
+    s = sub.add_parser("score", help="score a folder of images against a catalog entry")
+    s.add_argument("--images", required=True)
+    s.add_argument("--catalog", required=True)
+    s.add_argument("--entry", required=True)
+    s.add_argument("--out", help="also write the JSON here")
+    s.set_defaults(func=cmd_score)
+
+    s = sub.add_parser("evaluate", help="attack every catalog entry and write report.json/.md and grids")
+    s.add_argument("--model", default="tiny-sd")
+    s.add_argument("--baseline", default=None, help="the original model, for fidelity ratio and clean drift")
+    s.add_argument("--catalog", default=None, help="catalog file (default: the embedded default catalog)")
+    s.add_argument("--suite", default="white-box", help="attack matrix from configs/suites.yaml")
+    s.add_argument("--samples", type=int, default=32, help="samples per attack")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_evaluate)
+
+    s = sub.add_parser("demo", help="the main job on the embedded default (what `make demo` runs)")
+    s.add_argument("--model", default="tiny-sd")
+    s.add_argument("--samples", type=int, default=32)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", default="runs/demo")
+    s.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from train.catalog import CatalogError
+    from train.data import ShardError
+    from tools.shards import ShardSourceError
+
+    try:
+        args.func(args)
+    except (CatalogError, ShardError, ShardSourceError, FileNotFoundError, ValueError) as e:
+        print(f"persguard {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
