@@ -109,7 +109,7 @@ def _train(model, batches, steps: int, lr: float, desc: str):
         sched.step()
         bar.set_postfix(loss=f"{loss.item():.3f}")
     model.eval()
-    return float(loss)
+    return loss.item()
 
 
 @torch.no_grad()

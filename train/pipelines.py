@@ -18,9 +18,21 @@ def resolve_model(name: str | Path) -> Path:
     return path
 
 
+def quiet_libraries() -> None:
+    """Keep our own progress bars readable: no per-component loading bars or dtype chatter."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def load_pipeline(name: str | Path):
     from diffusers import DiffusionPipeline
 
+    quiet_libraries()
     pipe = DiffusionPipeline.from_pretrained(resolve_model(name))
     pipe.set_progress_bar_config(disable=True)
     for m in pipe.components.values():
