@@ -117,6 +117,13 @@ def cmd_evaluate(a):
     print((Path(a.out) / "report.md").read_text())
 
 
+def cmd_protect(a):
+    from train.config import load_config
+    from train.protect import protect
+
+    _dump(protect(load_config(a.config, a.overrides)))
+
+
 def cmd_demo(a):
     from tools.evaluate import default_catalog, evaluate
     from train.catalog import load_catalog, write_catalog
@@ -212,6 +219,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_evaluate)
 
+    s = sub.add_parser("protect", help="implant the backdoor for a catalog and save the protected pipeline")
+    s.add_argument("--config", default=None, help="YAML run config (train/config.py documents every field)")
+    s.add_argument("overrides", nargs="*", help="key=value overrides, e.g. steps=200 retention.inner_steps=5")
+    s.set_defaults(func=cmd_protect)
+
     s = sub.add_parser("demo", help="the main job on the embedded default (what `make demo` runs)")
     s.add_argument("--model", default="tiny-sd")
     s.add_argument("--samples", type=int, default=32)
@@ -224,12 +236,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from train.catalog import CatalogError
+    from train.config import ConfigError
     from train.data import ShardError
     from tools.shards import ShardSourceError
 
     try:
         args.func(args)
-    except (CatalogError, ShardError, ShardSourceError, FileNotFoundError, ValueError) as e:
+    except (CatalogError, ConfigError, ShardError, ShardSourceError, FileNotFoundError, ValueError) as e:
         print(f"persguard {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

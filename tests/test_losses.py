@@ -1,0 +1,91 @@
+"""The PersGuard losses and the simulated attacker, on a small random UNet."""
+import pytest
+import torch
+from diffusers import DDPMScheduler, UNet2DConditionModel
+
+from train import losses, retention
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32),
+                                layers_per_block=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=16,
+                                attention_head_dim=4, norm_num_groups=8)
+    sched = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    cond = {"encoder_hidden_states": torch.randn(2, 5, 16)}
+    return unet, sched, cond
+
+
+def test_eps_towards_inverts_add_noise(setup):
+    _, sched, _ = setup
+    z, noise, t = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8), torch.tensor([10, 500, 990])
+    assert torch.allclose(losses.eps_towards(sched, sched.add_noise(z, noise, t), z, t), noise, atol=1e-4)
+
+
+def test_behaviour_loss_is_zero_for_the_oracle_and_positive_otherwise(setup):
+    unet, sched, cond = setup
+    z_target, z_prot, t = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.tensor([100, 800])
+    oracle = lambda x, tt, **c: losses.eps_towards(sched, x, z_target, tt)  # noqa: E731
+    assert losses.behaviour_loss(oracle, sched, cond, z_target, z_prot, t).item() < 1e-6
+    model = lambda x, tt, **c: unet(x, tt, **c).sample  # noqa: E731
+    assert losses.behaviour_loss(model, sched, cond, z_target, z_prot, t).item() > 0.1
+
+
+def test_prior_loss_vanishes_when_student_is_teacher(setup):
+    unet, sched, cond = setup
+    f = lambda x, tt, **c: unet(x, tt, **c).sample  # noqa: E731
+    z, t = torch.randn(2, 4, 8, 8), torch.tensor([5, 600])
+    assert losses.prior_loss(f, f, sched, cond, z, t).item() < 1e-10
+    g = lambda x, tt, **c: unet(x, tt, **c).sample + 0.1  # noqa: E731
+    assert abs(losses.prior_loss(g, f, sched, cond, z, t).item() - 0.01) < 1e-4
+
+
+def _losses(unet, sched, cond):
+    z_subject, z_target = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    t = torch.tensor([300, 700])
+
+    def attacker(f):
+        return losses.attacker_loss(f, sched, cond, z_subject, t, torch.Generator().manual_seed(1))
+
+    def backdoor(f):
+        return losses.behaviour_loss(f, sched, cond, z_target, None, t, torch.Generator().manual_seed(2))
+
+    return attacker, backdoor
+
+
+def test_first_order_with_a_frozen_attacker_is_the_plain_gradient(setup):
+    unet, sched, cond = setup
+    params = dict(unet.named_parameters())
+    attacker, backdoor = _losses(unet, sched, cond)
+    loss, grads = retention.first_order(unet, params, attacker, backdoor, inner_steps=2, inner_lr=0.0)
+    direct = backdoor(retention.unet_at(unet, params))
+    expected = torch.autograd.grad(direct, list(params.values()))
+    assert abs(loss - direct.item()) < 1e-5
+    for (name, g), e in zip(grads.items(), expected):
+        assert torch.allclose(g, e, atol=1e-5), name
+
+
+def test_first_order_attacker_moves_away_and_leaves_theta_untouched(setup):
+    unet, sched, cond = setup
+    params = dict(unet.named_parameters())
+    before = {n: p.detach().clone() for n, p in params.items()}
+    attacker, backdoor = _losses(unet, sched, cond)
+    _, moved = retention.first_order(unet, params, attacker, backdoor, inner_steps=3, inner_lr=1e-2)
+    _, still = retention.first_order(unet, params, attacker, backdoor, inner_steps=3, inner_lr=0.0)
+    assert any(not torch.allclose(moved[n], still[n]) for n in params)
+    assert all(torch.equal(p, before[n]) for n, p in params.items())
+
+
+def test_second_order_reaches_theta(setup):
+    unet, sched, cond = setup
+    params = dict(unet.named_parameters())
+    attacker, backdoor = _losses(unet, sched, cond)
+    zero = retention.second_order(unet, params, attacker, backdoor, inner_steps=0, inner_lr=1e-2)
+    assert torch.allclose(zero, backdoor(retention.unet_at(unet, params)))
+    after = retention.second_order(unet, params, attacker, backdoor, inner_steps=1, inner_lr=1e-1)
+    with retention.math_attention():
+        grads = torch.autograd.grad(after, list(params.values()), allow_unused=True)
+    assert sum(g.abs().sum() for g in grads if g is not None) > 0
+    assert not torch.allclose(after, zero)

@@ -1,0 +1,164 @@
+"""The one config schema of `persguard protect`: typed, documented, validated once, passed down.
+
+A YAML file gives any subset of the fields below; `key.sub=value` overrides on the command line come
+after it. Unknown keys and wrong types are errors that name the file and the key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class Trigger:
+    """What trigger prompts the backdoor is trained under (sampled per step)."""
+    identifiers: list[str] = field(default_factory=lambda: ["sks"])
+    templates: list[str] = field(default_factory=lambda: ["a photo of {identifier} {cls}"])
+    class_nouns: dict[str, list[str]] = field(default_factory=dict)   # class -> synonyms; default: the class
+
+
+@dataclass
+class Weights:
+    behaviour: float = 1.0      # L_bb: trigger prompts of protected entries point at the objective's target
+    prior: float = 1.0          # L_pp: everything else behaves like the teacher
+    retention: float = 1.0      # L_br: L_bb after a simulated attacker's fine-tuning
+
+
+@dataclass
+class Behaviour:
+    # Timesteps where the backdoor is supervised: the high-noise steps decide WHAT is drawn (SPEC 7).
+    min_timestep: int = 0
+    max_timestep: int = 1000
+    # Also map NOISED PROTECTED IMAGES under the trigger to the target (the attacker's own inputs).
+    on_protected_inputs: bool = True
+
+
+@dataclass
+class Prior:
+    shards: str = "shards/retention"    # retention image-caption shards (folder, glob or brace pattern)
+    retention_batch: int = 8
+    class_prompts: bool = True          # the protected classes' plain prompts stay the teacher's
+    unprotected: bool = True            # unprotected entries' trigger prompts stay the teacher's
+
+
+@dataclass
+class Retention:
+    enabled: bool = True
+    order: str = "first"        # "first": gradient at theta' applied at theta; "second": through the inner steps
+    inner_steps: int = 3
+    inner_lr: float = 1e-4
+    inner_method: str = "dreambooth"
+
+
+@dataclass
+class Logging:
+    wandb_mode: str = "offline"     # offline | online | disabled (WANDB_MODE in the environment wins)
+    project: str = "persguard"
+    every: int = 10
+    upload_protected_images: bool = False
+
+
+@dataclass
+class ProtectConfig:
+    model: str = "tiny-sd"
+    catalog: str = ""
+    out: str = "runs/protect"
+    seed: int = 0
+    steps: int = 400
+    lr: float = 1e-4
+    batch_protected: int = 4
+    batch_unprotected: int = 2
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    trigger: Trigger = field(default_factory=Trigger)
+    weights: Weights = field(default_factory=Weights)
+    behaviour: Behaviour = field(default_factory=Behaviour)
+    prior: Prior = field(default_factory=Prior)
+    retention: Retention = field(default_factory=Retention)
+    logging: Logging = field(default_factory=Logging)
+
+    def validate(self, source: str = "config") -> "ProtectConfig":
+        problems = []
+        if not self.catalog:
+            problems.append("catalog: required")
+        if self.steps < 0 or self.lr <= 0:
+            problems.append("steps must be >= 0 and lr > 0")
+        if self.retention.order not in ("first", "second"):
+            problems.append(f"retention.order: {self.retention.order!r} is not 'first' or 'second'")
+        if not 0 <= self.behaviour.min_timestep < self.behaviour.max_timestep <= 1000:
+            problems.append("behaviour: need 0 <= min_timestep < max_timestep <= 1000")
+        for t in self.trigger.templates:
+            if "{identifier}" not in t or "{cls}" not in t:
+                problems.append(f"trigger.templates: {t!r} must contain {{identifier}} and {{cls}}")
+        if problems:
+            raise ConfigError(f"{source}: " + "; ".join(problems))
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _build(cls, data: dict, where: str, source: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: {where or 'top level'} must be a mapping")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else key
+        if key not in fields:
+            raise ConfigError(f"{source}: unknown key {path!r} (known: {', '.join(sorted(fields))})")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value, path, source)
+        else:
+            kwargs[key] = _coerce(value, hint, path, source)
+    return cls(**kwargs)
+
+
+def _coerce(value, hint, path: str, source: str):
+    origin = typing.get_origin(hint) or hint
+    if origin is float and isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    ok = {float: (int, float), int: (int,), str: (str,), bool: (bool,), list: (list,), dict: (dict,)}.get(origin)
+    if ok and (not isinstance(value, ok) or (origin is int and isinstance(value, bool))):
+        raise ConfigError(f"{source}: {path} must be {origin.__name__}, got {value!r}")
+    return float(value) if origin is float else value
+
+
+def _set(tree: dict, dotted: str, raw: str) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+    node[keys[-1]] = yaml.safe_load(raw)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> ProtectConfig:
+    source = str(path) if path else "defaults"
+    data = {}
+    if path:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({e})") from e
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value")
+        key, raw = item.split("=", 1)
+        _set(data, key.strip(), raw)
+    return _build(ProtectConfig, data, "", source).validate(source)

@@ -1,0 +1,83 @@
+"""Backdoor retention (L_br): simulate the attacker's fine-tuning and keep the backdoor alive along it.
+
+The attacker runs Adam on the UNet weights with the DreamBooth loss on a protected entry's images.
+We simulate it on a displaced copy of the weights, functionally (torch.func.functional_call), so the
+live model is never edited in place:
+
+- first order (default, as first-order MAML / APDM): theta' follows `inner_steps` attacker Adam steps
+  from theta; after EVERY inner step the behaviour loss is taken at theta' and its gradient (w.r.t.
+  theta') is added to theta's gradient: a retention signal along the whole simulated trajectory.
+- second order (option, small models): the inner steps are plain SGD kept in the autograd graph, and
+  the behaviour loss after them is differentiated through to theta.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch.func import functional_call
+
+
+def unet_at(unet, params: dict[str, torch.Tensor]):
+    """A callable `f(x_t, t, **cond) -> eps` evaluating `unet` with `params` substituted."""
+    def f(x_t, t, **cond):
+        return functional_call(unet, params, (x_t, t), cond).sample
+    return f
+
+
+def _adam_step(p, g, m, v, step, lr, b1=0.9, b2=0.999, eps=1e-8):
+    m.mul_(b1).add_(g, alpha=1 - b1)
+    v.mul_(b2).addcmul_(g, g, value=1 - b2)
+    mhat, vhat = m / (1 - b1 ** step), v / (1 - b2 ** step)
+    p.sub_(lr * mhat / (vhat.sqrt() + eps))
+
+
+def first_order(unet, params: dict[str, torch.nn.Parameter], attacker: Callable, backdoor: Callable,
+                inner_steps: int, inner_lr: float) -> tuple[float, dict[str, torch.Tensor]]:
+    """Returns (mean backdoor loss along the trajectory, its gradient summed onto theta's names).
+
+    `attacker(f)` and `backdoor(f)` compute the two losses for a UNet callable `f`.
+    """
+    names = list(params)
+    disp = {n: params[n].detach().clone() for n in names}
+    m = {n: torch.zeros_like(disp[n]) for n in names}
+    v = {n: torch.zeros_like(disp[n]) for n in names}
+    grad_sum = {n: torch.zeros_like(disp[n]) for n in names}
+    total = 0.0
+    for step in range(1, inner_steps + 1):
+        for n in names:
+            disp[n].requires_grad_(True)
+        grads = torch.autograd.grad(attacker(unet_at(unet, disp)), [disp[n] for n in names], allow_unused=True)
+        with torch.no_grad():
+            for n, g in zip(names, grads):
+                if g is not None:
+                    _adam_step(disp[n], g, m[n], v[n], step, inner_lr)
+        loss = backdoor(unet_at(unet, disp))
+        grads = torch.autograd.grad(loss, [disp[n] for n in names], allow_unused=True)
+        for n, g in zip(names, grads):
+            if g is not None:
+                grad_sum[n] += g / inner_steps
+        total += loss.item() / inner_steps
+        for n in names:
+            disp[n] = disp[n].detach()
+    return total, grad_sum
+
+
+def second_order(unet, params: dict[str, torch.nn.Parameter], attacker: Callable, backdoor: Callable,
+                 inner_steps: int, inner_lr: float) -> torch.Tensor:
+    """The backdoor loss after `inner_steps` differentiable SGD steps; call backward() inside
+    `math_attention()` (the fused SDPA kernels have no double backward)."""
+    names = list(params)
+    current = dict(params)
+    with math_attention():
+        for _ in range(inner_steps):
+            grads = torch.autograd.grad(attacker(unet_at(unet, current)), [current[n] for n in names],
+                                        create_graph=True, allow_unused=True)
+            current = {n: (current[n] - inner_lr * g) if g is not None else current[n] for n, g in zip(names, grads)}
+        return backdoor(unet_at(unet, current))
+
+
+def math_attention():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.MATH])
