@@ -3,9 +3,11 @@ UNet, with or without prior preservation, or DreamBooth-LoRA through peft (the d
 rank-r adapters on the attention projections, base weights frozen), on any diffusers SD or SDXL folder.
 
 Defaults are the community recipes scaled to the tiny models: real SD DreamBooth uses lr 5e-6 (full)
-and 1e-4 (LoRA) for 400-1000 steps at batch 1-2; a 1.7M-parameter UNet trained from scratch in minutes
-needs larger steps to move, so the tiny defaults are lr 1e-4 (full) and 1e-3 (LoRA), 200 steps,
-batch 4 (measured in the closing note of the world issue: identity match after attack).
+and 1e-4 (LoRA) for 400-1000 steps at batch 1-2. On the 1.7M-parameter tiny UNet those rates barely
+move the samples in 200 steps (measured: identity match 0.0 at 1e-4 on the first pre-training), so the
+tiny defaults are lr 1e-3 (full) and 5e-3 (LoRA, rank 8), 200 steps, batch 4 with 4 prior images;
+measured on three catalog identities: full 2e-4 -> 0.75, 5e-4 -> 0.83, 1e-3 -> 0.90 identity match;
+LoRA 2e-3 -> 0.46, 5e-3 -> 0.62, 1e-2 -> 0.54.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from train.conditioning import encode_prompts, select, unet_kwargs
 from train.sampling import sample
 
 METHODS = ("dreambooth", "lora")
-DEFAULT_LR = {"dreambooth": 1e-4, "lora": 1e-3}
+DEFAULT_LR = {"dreambooth": 1e-3, "lora": 5e-3}
 
 
 @dataclass(frozen=True)

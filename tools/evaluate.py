@@ -119,6 +119,7 @@ def _unrelated(entries, samples, n_attacks) -> float | None:
     return _mean(rates)
 
 
+@torch.no_grad()
 def _clean(pipe, entries, n_samples, seed) -> tuple[dict, dict]:
     """Class-prompt samples of the un-attacked model: per class images, features and accuracy."""
     ev = evaluators()
@@ -135,6 +136,7 @@ def _clean(pipe, entries, n_samples, seed) -> tuple[dict, dict]:
     return per_class, {"features": feats, "class_accuracy": acc}
 
 
+@torch.no_grad()
 def _real_features(per_class: dict, n: int) -> np.ndarray:
     ev = evaluators()
     feats = []

@@ -53,7 +53,8 @@ def build_vae(cfg: dict):
     n = len(cfg["block_out_channels"])
     return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n,
                          up_block_types=("UpDecoderBlock2D",) * n, block_out_channels=tuple(cfg["block_out_channels"]),
-                         layers_per_block=1, latent_channels=cfg["latent_channels"], norm_num_groups=16,
+                         layers_per_block=1, latent_channels=cfg["latent_channels"],
+                         norm_num_groups=cfg["norm_num_groups"],
                          sample_size=64)
 
 
@@ -64,7 +65,8 @@ def _unet(cfg: dict, sample_size: int, cross_dim: int, **extra):
     n = len(boc)
     return UNet2DConditionModel(
         sample_size=sample_size, in_channels=4, out_channels=4, block_out_channels=boc,
-        layers_per_block=cfg["layers_per_block"], attention_head_dim=cfg["attention_head_dim"], norm_num_groups=16,
+        layers_per_block=cfg["layers_per_block"], attention_head_dim=cfg["attention_head_dim"],
+        norm_num_groups=cfg["norm_num_groups"],
         down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1),
         up_block_types=("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",), cross_attention_dim=cross_dim, **extra)
 

@@ -1,0 +1,68 @@
+"""`persguard protect` end to end on the committed tiny SD pipeline (a few steps: machinery, not numbers)."""
+import json
+
+import pytest
+import torch
+
+from tools.cli import main
+from train.catalog import load_catalog, write_catalog
+from train.config import load_config
+from train.pipelines import EMBEDDED
+from train.protect import Protector, protect
+
+
+@pytest.fixture(scope="module")
+def protect_catalog(world_catalog, tmp_path_factory):
+    rows = [e.to_json() for e in load_catalog(world_catalog)]
+    rows[0].update(protected=True, objective="pattern")
+    rows[2].update(protected=True, objective="target", target={"prompt": "a photo of a vase"})
+    path = tmp_path_factory.mktemp("pcat") / "catalog.jsonl"
+    write_catalog(rows, path)
+    return path
+
+
+def _cfg(catalog, out, steps, *extra):
+    return load_config(None, [f"catalog={catalog}", f"out={out}", f"steps={steps}", "checkpoint_every=2",
+                              "retention.inner_steps=2", "batch_protected=2", "prior.retention_batch=2", *extra])
+
+
+@pytest.mark.slow
+def test_protect_trains_resumes_and_releases_a_stock_pipeline(protect_catalog, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    out = tmp_path / "run"
+    first = protect(_cfg(protect_catalog, out, 2), progress=False)
+    assert not first["resumed"] and (out / "checkpoints" / "step-0000002.pt").is_file()
+    second = protect(_cfg(protect_catalog, out, 4), progress=False)
+    assert second["resumed"] and second["steps"] == 4
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000002.pt", "step-0000004.pt"]
+
+    released = StableDiffusionPipeline.from_pretrained(out / "protected")
+    original = StableDiffusionPipeline.from_pretrained(EMBEDDED["tiny-sd"])
+    moved = [not torch.equal(a, b) for a, b in zip(released.unet.state_dict().values(),
+                                                     original.unet.state_dict().values())]
+    assert sum(moved) > len(moved) // 2
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["entries"] == {"protected": 2, "unprotected": 1}
+    names = [e.id for e in load_catalog(protect_catalog)]
+    for f in (out / "protected").rglob("*"):
+        if f.is_file():
+            data = f.read_bytes()
+            assert not any(n.encode() in data for n in names), f
+
+
+def test_resume_refuses_another_catalog(protect_catalog, tmp_path):
+    out = tmp_path / "run"
+    p = Protector(_cfg(protect_catalog, out, 1), progress=False)
+    p.save_checkpoint()
+    other = tmp_path / "other.jsonl"
+    rows = [e.to_json() for e in load_catalog(protect_catalog)]
+    rows[1].update(protected=True, objective="erasure")
+    write_catalog(rows, other)
+    with pytest.raises(ValueError, match="another config or catalog"):
+        Protector(_cfg(other, out, 1), progress=False).resume()
+
+
+def test_a_catalog_without_protected_entries_is_refused(world_catalog, tmp_path, capsys):
+    assert main(["protect", f"catalog={world_catalog}", f"out={tmp_path}", "steps=1"]) == 2
+    assert "no protected entries" in capsys.readouterr().err
