@@ -23,7 +23,8 @@ def _roundtrip(tok, text):
 def test_committed_tokenizer_round_trip(text):
     tok = CLIPTokenizer.from_pretrained(EMBEDDED["tiny-sd"] / "tokenizer")
     assert tok.model_max_length == 32
-    assert " ".join(_roundtrip(tok, text).split()) == " ".join(text.lower().split())
+    # CLIP pre-tokenizes digits and punctuation apart, so decoding may add spaces; every character survives
+    assert "".join(_roundtrip(tok, text).split()) == "".join(text.lower().split())
 
 
 def test_bpe_files_alone_rebuild_the_same_tokenizer():
