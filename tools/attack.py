@@ -18,7 +18,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from tools import transforms
-from train.conditioning import encode_prompts, select, unet_kwargs
+from train.conditioning import encode_images, encode_prompts, select, unet_kwargs
 from train.sampling import sample
 
 METHODS = ("dreambooth", "lora")
@@ -70,13 +70,6 @@ class AttackSettings:
         return replace(self, **kw)
 
 
-@torch.no_grad()
-def _latent_dist(pipe, images01: torch.Tensor):
-    dist = pipe.vae.encode(images01.to(pipe.vae.device) * 2 - 1).latent_dist
-    sf = pipe.vae.config.scaling_factor
-    return dist.mean * sf, dist.std * sf
-
-
 def _trainable(pipe, settings: AttackSettings) -> list[torch.nn.Parameter]:
     unet = pipe.unet
     if settings.method == "lora":
@@ -106,11 +99,11 @@ def attack(pipe, images01: torch.Tensor, cls: str, settings: AttackSettings, pro
     gen = torch.Generator().manual_seed(settings.seed)
     torch.manual_seed(settings.seed)
     images01 = transforms.apply(images01, settings.transform, seed=settings.seed)
-    inst_mu, inst_sd = _latent_dist(pipe, images01)
+    inst_mu, inst_sd = encode_images(pipe, images01)
     prompts = [settings.instance_prompt(cls)]
     if settings.prior_preservation:
         class_images = sample(original, settings.class_prompt(cls), settings.num_class_images, seed=settings.seed + 7)
-        cls_mu, cls_sd = _latent_dist(pipe, class_images)
+        cls_mu, cls_sd = encode_images(pipe, class_images)
         prompts.append(settings.class_prompt(cls))
     with torch.no_grad():
         hidden, added = encode_prompts(pipe, prompts)

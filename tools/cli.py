@@ -112,7 +112,7 @@ def cmd_score(a):
 def cmd_evaluate(a):
     from tools.evaluate import evaluate
 
-    report = evaluate(a.model, Path(a.out), catalog=a.catalog, suite=a.suite, baseline=a.baseline,
+    evaluate(a.model, Path(a.out), catalog=a.catalog, suite=a.suite, baseline=a.baseline,
                       n_samples=a.samples, seed=a.seed)
     print((Path(a.out) / "report.md").read_text())
 

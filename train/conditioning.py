@@ -32,6 +32,14 @@ def encode_prompts(pipe, prompts: list[str], device=None) -> tuple[torch.Tensor,
     return hidden, {"text_embeds": out2.text_embeds, "time_ids": time_ids.repeat(len(prompts), 1)}
 
 
+@torch.no_grad()
+def encode_images(pipe, images01: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """VAE posterior (mean, std) of images in [0, 1], already multiplied by the scaling factor."""
+    dist = pipe.vae.encode(images01.to(pipe.vae.device) * 2 - 1).latent_dist
+    sf = pipe.vae.config.scaling_factor
+    return dist.mean * sf, dist.std * sf
+
+
 def unet_kwargs(hidden: torch.Tensor, added: dict | None) -> dict:
     kw = {"encoder_hidden_states": hidden}
     if added is not None:

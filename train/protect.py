@@ -24,11 +24,10 @@ from tqdm import tqdm
 
 from train import losses, objectives, retention
 from train.catalog import Entry, load_catalog, load_images
-from train.conditioning import encode_prompts, unet_kwargs
+from train.conditioning import encode_images, encode_prompts, unet_kwargs
 from train.config import ProtectConfig
 from train.data import image_caption_dataset
 from train.pipelines import load_pipeline, resolve_model
-from tools.attack import _latent_dist  # one VAE encoding for attacker and defender
 
 
 class PromptCache:
@@ -81,10 +80,10 @@ class Protector:
     def _cache_latents(self):
         self.latents, self.targets = {}, {}
         for e in self.entries:
-            self.latents[e.id] = _latent_dist(self.pipe, load_images(e.images, 64))
+            self.latents[e.id] = encode_images(self.pipe, load_images(e.images, 64))
             if e.protected:
                 obj = objectives.resolve(e)
-                self.targets[e.id] = (_latent_dist(self.pipe, obj.images)[0] if obj.images is not None else None,
+                self.targets[e.id] = (encode_images(self.pipe, obj.images)[0] if obj.images is not None else None,
                                       obj.prompt)
 
     def _retention_batches(self):
@@ -98,7 +97,7 @@ class Protector:
             batch.append((image, caption))
             if len(batch) == self.cfg.prior.retention_batch:
                 images = torch.stack([b[0] for b in batch])
-                mu, sd = _latent_dist(self.pipe, images)
+                mu, sd = encode_images(self.pipe, images)
                 yield mu, [b[1] for b in batch]
                 batch = []
 
