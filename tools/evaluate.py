@@ -24,10 +24,9 @@ from tools import world
 from tools.attack import AttackSettings, attack
 from tools.score import evaluators, score
 from train.catalog import Entry, load_catalog, load_images, write_catalog
-from train.pipelines import load_pipeline
+from train.pipelines import REPO, load_pipeline
 from train.sampling import sample
 
-REPO = Path(__file__).resolve().parent.parent
 SUITES = REPO / "configs" / "suites.yaml"
 DEFAULT_COUNTS = {"person": 4, "cat": 2, "vase": 2}
 CACHE = Path.home() / ".cache" / "persguard"

@@ -14,10 +14,10 @@ import torch.nn.functional as F
 
 from tools.evaluators import DETECTOR_LABELS, Evaluators
 from train.catalog import Entry, load_image, load_images
+from train.pipelines import REPO
 
 IMAGE_SIZE = 64
 PATTERN_THRESHOLD = 0.6   # correlation with the pattern image that counts as "the pattern fired"
-REPO = Path(__file__).resolve().parent.parent
 EVALUATORS_DIR = REPO / "models" / "evaluators"
 
 

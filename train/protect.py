@@ -27,7 +27,7 @@ from train.catalog import Entry, load_catalog, load_images
 from train.conditioning import encode_images, encode_prompts, unet_kwargs
 from train.config import ProtectConfig
 from train.data import image_caption_dataset
-from train.pipelines import load_pipeline, resolve_model
+from train.pipelines import REPO, load_pipeline
 
 
 class PromptCache:
@@ -90,7 +90,7 @@ class Protector:
         shards = self.cfg.prior.shards
         path = Path(shards)
         if not path.is_absolute() and not path.exists():
-            path = resolve_model("tiny-sd").parent.parent / shards
+            path = REPO / shards  # the embedded shards, from any working folder
         ds = image_caption_dataset(path, shuffle=256, seed=self.cfg.seed)
         batch = []
         for image, caption, _ in cycle(ds):
