@@ -36,3 +36,17 @@ def test_evaluate_writes_the_promised_report_and_reruns_reproduce(world_catalog,
 def test_evaluate_rejects_an_unknown_suite(world_catalog, tmp_path, capsys):
     assert main(["evaluate", "--catalog", str(world_catalog), "--suite", "nope", "--out", str(tmp_path)]) == 2
     assert "unknown suite 'nope'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_curve_suite_judges_one_attack_at_every_length(world_catalog, tmp_path):
+    assert main(["evaluate", "--model", "tiny-sd", "--catalog", str(world_catalog), "--suite", "smoke-curve",
+                 "--samples", "2", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert sorted({(a["entry"], a["multiple"], a["settings"]["steps"]) for a in report["attacks"]}) == sorted(
+        (e, m, s) for e in ("cat-catalog-0000", "person-catalog-0000", "person-catalog-0001")
+        for m, s in ((0.5, 2), (1, 4), (2, 8)))
+    points = report["summary"]["curve"]["points"]
+    assert [p["multiple"] for p in points] == [0.5, 1, 2] and points[1]["steps"] == 4
+    assert points[0]["protected_bsr"] is None and points[2]["unprotected_identity_match"] is not None
+    assert "Protection against attack length" in (tmp_path / "report.md").read_text()

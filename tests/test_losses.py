@@ -89,3 +89,33 @@ def test_second_order_reaches_theta(setup):
         grads = torch.autograd.grad(after, list(params.values()), allow_unused=True)
     assert sum(g.abs().sum() for g in grads if g is not None) > 0
     assert not torch.allclose(after, zero)
+
+
+def test_trajectories_cover_the_horizon_and_restart(setup):
+    unet, sched, cond = setup
+    params = dict(unet.named_parameters())
+    before = {n: p.detach().clone() for n, p in params.items()}
+    attacker, backdoor = _losses(unet, sched, cond)
+    traj = retention.Trajectories(params, slots=2, horizon=3, lr=1e-2, pick=lambda: "entry")
+    assert [s["depth"] for s in traj.slots] == [0, 1]
+    for _ in range(2):
+        loss, grads = traj.step(unet, params, lambda f, e: attacker(f), lambda f, e: backdoor(f))
+    assert [s["depth"] for s in traj.slots] == [2, 3]
+    assert all(s["entry"] == "entry" for s in traj.slots)
+    moved = max(s["delta"][n].abs().max().item() for s in traj.slots for n in params)
+    assert moved > 0, "the simulated attackers did not move"
+    traj.step(unet, params, lambda f, e: attacker(f), lambda f, e: backdoor(f))
+    assert [s["depth"] for s in traj.slots] == [3, 1], "a slot at the horizon restarts from theta"
+    assert all(torch.equal(p, before[n]) for n, p in params.items())
+
+
+def test_trajectories_with_a_frozen_attacker_give_the_plain_gradient(setup):
+    unet, sched, cond = setup
+    params = dict(unet.named_parameters())
+    attacker, backdoor = _losses(unet, sched, cond)
+    traj = retention.Trajectories(params, slots=2, horizon=5, lr=0.0, pick=lambda: "entry")
+    loss, grads = traj.step(unet, params, lambda f, e: attacker(f), lambda f, e: backdoor(f))
+    expected = torch.autograd.grad(backdoor(retention.unet_at(unet, params)), list(params.values()))
+    assert abs(loss - backdoor(retention.unet_at(unet, params)).item()) < 1e-5
+    for (name, g), e in zip(grads.items(), expected):
+        assert torch.allclose(g, e, atol=1e-5), name

@@ -44,6 +44,11 @@ def test_protect_trains_resumes_and_releases_a_stock_pipeline(protect_catalog, t
     assert sum(moved) > len(moved) // 2
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["entries"] == {"protected": 2, "unprotected": 1}
+    assert set(manifest["metrics"]["probe"]) == {"probe/bsr/pattern", "probe/bsr/target"}
+    # one offline W&B run across the resume, next to (not inside) the released folder
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert runs and all(r.name.endswith((out / "wandb-run-id").read_text().strip()) for r in runs)
+    assert not list((out / "protected").rglob("*wandb*"))
     names = [e.id for e in load_catalog(protect_catalog)]
     for f in (out / "protected").rglob("*"):
         if f.is_file():
@@ -66,3 +71,20 @@ def test_resume_refuses_another_catalog(protect_catalog, tmp_path):
 def test_a_catalog_without_protected_entries_is_refused(world_catalog, tmp_path, capsys):
     assert main(["protect", f"catalog={world_catalog}", f"out={tmp_path}", "steps=1"]) == 2
     assert "no protected entries" in capsys.readouterr().err
+
+
+def test_tracker_keeps_protected_grids_local_unless_allowed(tmp_path, monkeypatch):
+    from train.tracking import Tracker
+
+    images = torch.rand(4, 3, 8, 8)
+    cfg = load_config(None, ["catalog=x.jsonl", "logging.wandb_mode=offline"])
+    tracker = Tracker(cfg, tmp_path / "a", {})
+    assert tracker.grid("samples/clean/person", images, 1, protected=False)
+    assert not tracker.grid("samples/trigger/pattern", images, 1, protected=True)
+    tracker.finish({})
+    cfg = load_config(None, ["catalog=x.jsonl", "logging.wandb_mode=offline", "logging.upload_protected_images=true"])
+    tracker = Tracker(cfg, tmp_path / "b", {})
+    assert tracker.grid("samples/trigger/pattern", images, 1, protected=True)
+    tracker.finish({})
+    monkeypatch.delenv("WANDB_MODE")   # conftest's safety net; WANDB_MODE in the environment wins over the config
+    assert Tracker(load_config(None, ["catalog=x.jsonl", "logging.wandb_mode=disabled"]), tmp_path / "c", {}).run is None

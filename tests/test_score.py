@@ -57,3 +57,14 @@ def test_score_cli_prints_json_and_rejects_bad_input(world_catalog, tmp_path, ca
     assert main(["score", "--images", str(tmp_path / "bad"), "--catalog", str(world_catalog),
                  "--entry", entry.id]) == 2
     assert "x.jpg: unreadable image" in capsys.readouterr().err
+
+
+def test_a_pattern_entry_without_its_own_pattern_is_judged_on_the_default_marker(world_catalog):
+    from dataclasses import replace
+
+    from train.objectives import pattern_tensor
+
+    a = replace(load_catalog(world_catalog)[0], protected=True, objective="pattern", target=None)
+    marker = pattern_tensor(None)[None].repeat(4, 1, 1, 1)
+    assert score(marker * 0.9 + 0.05, a)["bsr"] == 1.0
+    assert score(load_images(a.images, 64), a)["bsr"] == 0.0

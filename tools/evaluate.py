@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from tools import world
 from tools.attack import AttackSettings, attack
+from tools.diagnostics import diagnose
 from tools.score import evaluators, score
 from train.catalog import Entry, load_catalog, load_images, write_catalog
 from train.pipelines import REPO, load_pipeline
@@ -52,11 +53,16 @@ def default_catalog(cache: Path = CACHE) -> Path:
     return path
 
 
-def load_suite(name: str) -> tuple[str, list[AttackSettings]]:
+def load_suite(name: str) -> tuple[str, list[AttackSettings], list[float] | None]:
+    """(description, attack settings, attack-length multiples or None) of a suite in configs/suites.yaml."""
     suites = yaml.safe_load(SUITES.read_text())
     if name not in suites:
         raise ValueError(f"unknown suite {name!r}; {SUITES.name} defines {', '.join(suites)}")
-    return suites[name].get("description", ""), [AttackSettings(**a) for a in suites[name]["attacks"]]
+    suite = suites[name]
+    multiples = suite.get("multiples")
+    if multiples is not None and (1 not in multiples or any(m <= 0 for m in multiples)):
+        raise ValueError(f"{SUITES.name}: suite {name!r}: multiples must be positive and include 1")
+    return suite.get("description", ""), [AttackSettings(**a) for a in suite["attacks"]], multiples
 
 
 def frechet(a: np.ndarray, b: np.ndarray) -> float:
@@ -88,24 +94,70 @@ def _mean(xs):
 
 
 def _attack_all(pipe, entries: list[Entry], attacks: list[AttackSettings], n_samples: int, seed: int,
-                out: Path | None, label: str) -> tuple[list[dict], dict]:
+                out: Path | None, label: str, multiples: list[float] | None = None) -> tuple[list[dict], dict]:
+    """Attack every entry with every setting. With `multiples` (e.g. [0.5, 1, 2, 4, 8]) one attack per
+    (entry, setting) runs to the longest length and is sampled at each multiple of its `steps` on the way:
+    one record per multiple, so protection is a curve over the attacker's budget, not a point."""
     records, samples = [], {}
     jobs = [(e, a) for e in entries for a in attacks]
     for k, (entry, settings) in enumerate(tqdm(jobs, desc=f"attacks:{label}")):
         settings = settings.with_(seed=seed * 1000 + k)
-        attacked = attack(pipe, load_images(entry.images, 64), entry.cls, settings)
-        images = sample(attacked, settings.instance_prompt(entry.cls), n_samples, seed=seed + k)
-        samples[(entry.id, k % len(attacks))] = images
-        metrics = score(images, entry)
-        records.append({"entry": entry.id, "class": entry.cls, "protected": entry.protected,
-                        "objective": entry.objective, "method": settings.method, "settings": settings.to_json(),
-                        **metrics})
-        if out is not None:
-            grid = out / "grids" / f"{label}__{entry.id}__{k % len(attacks)}-{settings.method}.png"
-            save_grid([load_images(entry.reference_dir, 64), images], grid)
-            records[-1]["grid"] = str(grid.relative_to(out))
-        del attacked
+        stops = {max(1, round(m * settings.steps)): m for m in (multiples or [1])}
+        slot = k % len(attacks)
+
+        def judge(step, attacked):
+            if step not in stops:
+                return
+            run = settings.with_(steps=step)
+            images = sample(attacked, run.instance_prompt(entry.cls), n_samples, seed=seed + k)
+            if stops[step] == 1 or not multiples:
+                samples[(entry.id, slot)] = images
+            records.append({"entry": entry.id, "class": entry.cls, "protected": entry.protected,
+                            "objective": entry.objective, "method": run.method, "multiple": stops[step],
+                            "settings": run.to_json(), **score(images, entry)})
+            if out is not None:
+                grid = out / "grids" / f"{label}__{entry.id}__{slot}-{run.method}-{step}steps.png"
+                save_grid([load_images(entry.reference_dir, 64), images], grid)
+                records[-1]["grid"] = str(grid.relative_to(out))
+
+        attack(pipe, load_images(entry.images, 64), entry.cls, settings.with_(steps=max(stops)), on_step=judge)
     return records, samples
+
+
+def _curve(records: list[dict], base_records: list[dict] | None, multiples: list[float]) -> dict:
+    """Per attack-length multiple: protected BSR / identity match and unprotected identity match, beside the
+    baseline's; and the smallest multiple at which protected BSR falls below 0.5 (None: never, up to the max)."""
+    def at(rs, m, protected, key):
+        return _mean([r[key] for r in rs or [] if r["multiple"] == m and r["protected"] == protected])
+
+    points = [{"multiple": m, "steps": next((r["settings"]["steps"] for r in records if r["multiple"] == m), None),
+               "protected_bsr": at(records, m, True, "bsr"),
+               "protected_identity_match": at(records, m, True, "identity_match"),
+               "unprotected_identity_match": at(records, m, False, "identity_match"),
+               "baseline_protected_identity_match": at(base_records, m, True, "identity_match"),
+               "baseline_unprotected_identity_match": at(base_records, m, False, "identity_match")}
+              for m in multiples]
+    below = [p["multiple"] for p in points if p["protected_bsr"] is not None and p["protected_bsr"] < 0.5]
+    return {"points": points, "bsr_below_half_at": below[0] if below else None}
+
+
+def _diagnostics(pipe, base, entries: list[Entry], settings: AttackSettings, seed: int) -> dict | None:
+    """tools.diagnostics per protected entry, for the model and (with --baseline) the original, plus
+    the means over protected entries."""
+    protected = [e for e in entries if e.protected]
+    if not protected:
+        return None
+    per_entry = {e.id: {"model": diagnose(pipe, e, settings.instance_prompt(e.cls), seed=seed),
+                        "baseline": diagnose(base, e, settings.instance_prompt(e.cls), seed=seed) if base else None}
+                 for e in protected}
+
+    def mean(which, key):
+        rows = [d[which][key] for d in per_entry.values() if d[which] and d[which][key]]
+        return {b: _mean([r[b] for r in rows]) for b in rows[0]} if rows else None
+
+    return {"prompt_template": settings.template, "entries": per_entry,
+            "attacker_loss": {"model": mean("model", "attacker_loss"), "baseline": mean("baseline", "attacker_loss")},
+            "backdoor_acts": {"model": mean("model", "backdoor_acts"), "baseline": mean("baseline", "backdoor_acts")}}
 
 
 def _unrelated(entries, samples, n_attacks) -> float | None:
@@ -155,13 +207,19 @@ def evaluate(model: str, out: Path, catalog: Path | None = None, suite: str = "w
     out.mkdir(parents=True, exist_ok=True)
     catalog = Path(catalog) if catalog else default_catalog()
     entries = load_catalog(catalog)
-    description, attacks = load_suite(suite)
+    description, attacks, multiples = load_suite(suite)
     pipe = load_pipeline(model)
 
-    records, samples = _attack_all(pipe, entries, attacks, n_samples, seed, out, "model")
+    records, samples = _attack_all(pipe, entries, attacks, n_samples, seed, out, "model", multiples)
     base_records = None
     if baseline:
-        base_records, _ = _attack_all(load_pipeline(baseline), entries, attacks, n_samples, seed, out, "baseline")
+        base_records, _ = _attack_all(load_pipeline(baseline), entries, attacks, n_samples, seed, out, "baseline",
+                                      multiples)
+    curve = _curve(records, base_records, multiples) if multiples else None
+    diagnostics = _diagnostics(pipe, load_pipeline(baseline) if baseline else None, entries, attacks[0], seed)
+    all_records, all_base = records, base_records
+    records = [r for r in records if r["multiple"] == 1]   # the summary is taken at the suite's own length
+    base_records = [r for r in base_records if r["multiple"] == 1] if base_records is not None else None
 
     class_samples, clean = _clean(pipe, entries, n_samples, seed)
     class_match = [score(class_samples[e.cls], e)["identity_match"] for e in entries]
@@ -189,10 +247,12 @@ def evaluate(model: str, out: Path, catalog: Path | None = None, suite: str = "w
         "class_prompt": {"identity_match": _mean(class_match)},
         "clean": {"frechet": fd, "frechet_reference": "baseline samples" if baseline else "real renders",
                   "class_accuracy": clean["class_accuracy"]},
+        "curve": curve,
     }
     report = {"model": str(model), "baseline": baseline, "suite": suite, "suite_description": description,
               "catalog": str(catalog), "n_samples": n_samples, "seed": seed,
-              "threshold": evaluators().threshold, "attacks": records, "baseline_attacks": base_records,
+              "threshold": evaluators().threshold, "attacks": all_records, "baseline_attacks": all_base,
+              "diagnostics": diagnostics,
               "summary": summary, "seconds": time.time() - t0}
     (out / "report.json").write_text(json.dumps(report, indent=1))
     (out / "report.md").write_text(render_markdown(report))
@@ -219,10 +279,53 @@ def render_markdown(report: dict) -> str:
              f"| class prompt, before attack | {_fmt(s['class_prompt']['identity_match'])} | — | |",
              f"| clean generation | — | — | class accuracy {_fmt(s['clean']['class_accuracy'])}, Frechet "
              f"{_fmt(s['clean']['frechet'])} vs {s['clean']['frechet_reference']} |", "",
-             "## Attacks", "", "| entry | protected | objective | method | ISM | identity match | subject detect | "
-             "BSR | grid |", "|---|---|---|---|---|---|---|---|---|"]
+             ]
+    if s.get("curve"):
+        c = s["curve"]
+        lines += ["## Protection against attack length", "",
+                  f"BSR of protected entries falls below 0.5 at: **{_fmt(c['bsr_below_half_at'])}x** the attack length "
+                  "(— : never, up to the longest attack).", "",
+                  "| attack length | steps | protected BSR | protected identity match | unprotected identity match | "
+                  "original: protected-entry identity match | original: unprotected identity match |",
+                  "|---|---|---|---|---|---|---|"]
+        for q in c["points"]:
+            lines.append(f"| {q['multiple']}x | {q['steps']} | {_fmt(q['protected_bsr'])} | "
+                         f"{_fmt(q['protected_identity_match'])} | {_fmt(q['unprotected_identity_match'])} | "
+                         f"{_fmt(q['baseline_protected_identity_match'])} | "
+                         f"{_fmt(q['baseline_unprotected_identity_match'])} |")
+        lines.append("")
+    d = report.get("diagnostics")
+    if d:
+        buckets = list(d["attacker_loss"]["model"])
+        lines += ["## Diagnostics: where the backdoor lives", "",
+                  "The attacker's DreamBooth loss on protected entries' own images under the trigger, and the "
+                  "fraction of one-step predictions pulled to the objective's target, per noise level "
+                  "(mean over protected entries; original model beside).", "",
+                  "| | " + " | ".join(buckets) + " |", "|---" * (len(buckets) + 1) + "|"]
+        for name, key, which in (("attacker loss, protected model", "attacker_loss", "model"),
+                                 ("attacker loss, original model", "attacker_loss", "baseline"),
+                                 ("backdoor acts, protected model", "backdoor_acts", "model"),
+                                 ("backdoor acts, original model", "backdoor_acts", "baseline")):
+            row = d[key][which]
+            if row:
+                lines.append(f"| {name} | " + " | ".join(_fmt(row.get(b)) for b in buckets) + " |")
+        lines.append("")
+    if report.get("baseline_attacks"):
+        base = {(r["entry"], r["method"], r.get("multiple", 1)): r for r in report["baseline_attacks"]}
+        lines += ["## Original vs protected model (same attack, same seeds)", "",
+                  "| entry | protected | objective | method | length | original: identity match | "
+                  "protected model: identity match | protected model: BSR |", "|---|---|---|---|---|---|---|---|"]
+        for r in report["attacks"]:
+            b = base.get((r["entry"], r["method"], r.get("multiple", 1)), {})
+            lines.append(f"| {r['entry']} | {r['protected']} | {_fmt(r['objective'])} | {r['method']} | "
+                         f"{r.get('multiple', 1)}x | {_fmt(b.get('identity_match'))} | {_fmt(r['identity_match'])} | "
+                         f"{_fmt(r['bsr'])} |")
+        lines.append("")
+    lines += ["## Attacks", "", "| entry | protected | objective | method | length | ISM | identity match | "
+              "subject detect | BSR | grid |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["attacks"]:
         grid = f"[png]({r['grid']})" if r.get("grid") else ""
-        lines.append(f"| {r['entry']} | {r['protected']} | {_fmt(r['objective'])} | {r['method']} | {_fmt(r['ism'])} | "
-                     f"{_fmt(r['identity_match'])} | {_fmt(r['subject_detect'])} | {_fmt(r['bsr'])} | {grid} |")
+        lines.append(f"| {r['entry']} | {r['protected']} | {_fmt(r['objective'])} | {r['method']} | "
+                     f"{r.get('multiple', 1)}x | {_fmt(r['ism'])} | {_fmt(r['identity_match'])} | "
+                     f"{_fmt(r['subject_detect'])} | {_fmt(r['bsr'])} | {grid} |")
     return "\n".join(lines) + "\n"

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from tools.evaluators import DETECTOR_LABELS, Evaluators
 from train.catalog import Entry, load_image, load_images
+from train.objectives import pattern_tensor
 from train.pipelines import REPO
 
 IMAGE_SIZE = 64
@@ -62,11 +63,15 @@ def score(images: torch.Tensor, entry: Entry, ev: Evaluators | None = None) -> d
            "subject_detect": float(detected.float().mean()), "pattern_similarity": None, "target_match": None,
            "bsr": None}
     pattern_path = _resolve(entry, "pattern")
+    pattern = None
     if pattern_path is not None:
         if pattern_path.is_file():
             pattern = torch.from_numpy(load_image(pattern_path, IMAGE_SIZE)).permute(2, 0, 1).float() / 255.0
         else:
             pattern = load_images(pattern_path, IMAGE_SIZE)
+    elif entry.objective == "pattern":
+        pattern = pattern_tensor(None, IMAGE_SIZE)   # the objective's default marker
+    if pattern is not None:
         sim = pattern_similarity(images, pattern)
         out["pattern_similarity"] = float(sim.mean())
         pattern_hit = sim > PATTERN_THRESHOLD
@@ -74,7 +79,7 @@ def score(images: torch.Tensor, entry: Entry, ev: Evaluators | None = None) -> d
     if target_path is not None:
         target_hit = ev.ism(images, load_images(target_path, IMAGE_SIZE)) > ev.threshold
         out["target_match"] = float(target_hit.float().mean())
-    if entry.objective == "pattern" and pattern_path is not None:
+    if entry.objective == "pattern":
         out["bsr"] = float(pattern_hit.float().mean())
     elif entry.objective == "erasure":
         out["bsr"] = float((~detected & ~matched).float().mean())

@@ -39,6 +39,9 @@ class Behaviour:
     max_timestep: int = 1000
     # Also map NOISED PROTECTED IMAGES under the trigger to the target (the attacker's own inputs).
     on_protected_inputs: bool = True
+    # Below min_timestep, fit the protected images themselves under the trigger (the attacker's own
+    # objective), so the attacker's loss on them is already low and its gradient small (SPEC 7).
+    fit_protected_below: bool = False
 
 
 @dataclass
@@ -52,17 +55,27 @@ class Prior:
 @dataclass
 class Retention:
     enabled: bool = True
-    order: str = "first"        # "first": gradient at theta' applied at theta; "second": through the inner steps
+    # "trajectory": `slots` persistent simulated attackers at staggered depths up to `horizon` attack steps
+    #   (amortized: cost per outer step independent of the horizon; train/retention.py Trajectories);
+    # "restart": `inner_steps` attacker steps from the current weights every outer step (APDM-style).
+    mode: str = "trajectory"
+    order: str = "first"        # restart mode: "first" (gradient at theta' applied at theta) or "second"
     inner_steps: int = 3
-    inner_lr: float = 1e-4
-    inner_method: str = "dreambooth"
+    inner_lr: float = 1e-3      # the simulated attacker's Adam lr (white-box: the attack default)
+    slots: int = 4
+    horizon: int = 200
+    # Simulated attacks on UNPROTECTED entries too, whose DreamBooth loss must keep falling (selectivity).
+    unprotected_slots: int = 0
 
 
 @dataclass
 class Logging:
     wandb_mode: str = "offline"     # offline | online | disabled (WANDB_MODE in the environment wins)
     project: str = "persguard"
-    every: int = 10
+    every: int = 10                 # log the mean loss terms every N steps
+    probe_every: int = 100          # BSR probes + sample grids every N steps (0: only at the end; -1: never)
+    probe_samples: int = 8          # samples per probed prompt
+    probe_entries: int = 8          # protected entries probed (the first N of the catalog)
     upload_protected_images: bool = False
 
 
@@ -91,6 +104,10 @@ class ProtectConfig:
             problems.append("catalog: required")
         if self.steps < 0 or self.lr <= 0:
             problems.append("steps must be >= 0 and lr > 0")
+        if self.retention.mode not in ("trajectory", "restart"):
+            problems.append(f"retention.mode: {self.retention.mode!r} is not 'trajectory' or 'restart'")
+        if self.retention.slots < 1 or self.retention.horizon < 1:
+            problems.append("retention.slots and retention.horizon must be >= 1")
         if self.retention.order not in ("first", "second"):
             problems.append(f"retention.order: {self.retention.order!r} is not 'first' or 'second'")
         if not 0 <= self.behaviour.min_timestep < self.behaviour.max_timestep <= 1000:

@@ -28,6 +28,8 @@ from train.conditioning import encode_images, encode_prompts, unet_kwargs
 from train.config import ProtectConfig
 from train.data import image_caption_dataset
 from train.pipelines import REPO, load_pipeline
+from train.sampling import sample
+from train.tracking import Tracker
 
 
 class PromptCache:
@@ -73,6 +75,15 @@ class Protector:
         self._cache_latents()
         self.retention_iter = self._retention_batches() if cfg.weights.prior > 0 and cfg.prior.shards else None
         self.params = dict((n, p) for n, p in self.unet.named_parameters() if p.requires_grad)
+        self.by_id = {e.id: e for e in self.entries}
+        r = cfg.retention
+        self.trajectories = self.selectivity = None
+        if r.enabled and r.mode == "trajectory" and cfg.weights.retention > 0:
+            self.trajectories = retention.Trajectories(self.params, r.slots, r.horizon, r.inner_lr,
+                                                       pick=lambda: self.rng.choice(self.protected).id)
+            if r.unprotected_slots and self.unprotected:
+                self.selectivity = retention.Trajectories(self.params, r.unprotected_slots, r.horizon, r.inner_lr,
+                                                          pick=lambda: self.rng.choice(self.unprotected).id)
         self.opt = torch.optim.AdamW(self.params.values(), lr=cfg.lr, weight_decay=0.0)
         self.step = 0
 
@@ -128,15 +139,21 @@ class Protector:
             z_prot = self._sample_latents(e.id, n) if b.on_protected_inputs else None
             if z_target is not None:
                 z_goal = z_target[torch.randint(0, len(z_target), (n,), generator=self.gen)]
-                total = total + losses.behaviour_loss(unet_fn, self.sched, cond, z_goal, z_prot, t, self.gen)
+                term = losses.behaviour_loss(unet_fn, self.sched, cond, z_goal, z_prot, t, self.gen)
             else:
                 goal_prompt = target_prompt or objectives.background_prompt(prompt, ident, noun)
-                total = total + losses.behaviour_loss(
+                term = losses.behaviour_loss(
                     unet_fn, self.sched, cond, self._sample_latents(e.id, n), None, t, self.gen,
                     teacher=lambda x, tt, **c: self.teacher(x, tt, **c).sample, target_cond=self.prompts([goal_prompt] * n))
+            if b.fit_protected_below and b.min_timestep > 0:
+                low = self._timesteps(n, 0, b.min_timestep)
+                term = (term + losses.attacker_loss(unet_fn, self.sched, cond, self._sample_latents(e.id, n), low,
+                                                    self.gen)) / 2
+            total = total + term
         return total / len(entries)
 
-    def attacker(self, unet_fn, e: Entry) -> torch.Tensor:
+    def attacker(self, unet_fn, e: Entry | str) -> torch.Tensor:
+        e = self.by_id[e] if isinstance(e, str) else e
         prompt, _, _ = self.trigger(e)
         n = self.cfg.batch_protected
         return losses.attacker_loss(unet_fn, self.sched, self.prompts([prompt] * n), self._sample_latents(e.id, n),
@@ -174,7 +191,17 @@ class Protector:
         logs = {"loss/behaviour": l_bb.item(), "loss/prior": l_pp.item()}
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss at step {self.step} (entries {[e.id for e in batch]})")
-        if cfg.retention.enabled and w.retention > 0:
+        if self.trajectories is not None:
+            loss.backward()
+            l_br, grads = self.trajectories.step(self.unet, self.params, self.attacker,
+                                                 lambda f, e: self.behaviour(f, [self.by_id[e]]))
+            self._add_grads(grads, w.retention)
+            logs["loss/retention"] = l_br
+            if self.selectivity is not None:
+                l_sel, grads = self.selectivity.step(self.unet, self.params, self.attacker, self.attacker)
+                self._add_grads(grads, w.retention)
+                logs["loss/selectivity"] = l_sel
+        elif cfg.retention.enabled and w.retention > 0:
             e = self.rng.choice(self.protected)
             attacker = lambda f: self.attacker(f, e)  # noqa: E731
             backdoor = lambda f: self.behaviour(f, [e])  # noqa: E731
@@ -182,8 +209,7 @@ class Protector:
                 l_br, grads = retention.first_order(self.unet, self.params, attacker, backdoor,
                                                     cfg.retention.inner_steps, cfg.retention.inner_lr)
                 loss.backward()
-                for n, g in grads.items():
-                    self.params[n].grad.add_(g, alpha=w.retention)
+                self._add_grads(grads, w.retention)
             else:
                 l_br_t = retention.second_order(self.unet, self.params, attacker, backdoor,
                                                 cfg.retention.inner_steps, cfg.retention.inner_lr)
@@ -203,6 +229,36 @@ class Protector:
         logs["grad_norm"] = float(norm)
         return logs
 
+    @torch.no_grad()
+    def probe(self, n: int) -> tuple[dict, dict[str, tuple[torch.Tensor, bool]]]:
+        """Backdoor probes before any attack: BSR per objective on the first trigger, plus grids
+        {key: (images, shows_protected_subject)} of triggers and of clean class prompts."""
+        from diffusers import DPMSolverMultistepScheduler
+
+        from tools.score import score
+
+        self.unet.eval()
+        pipe = type(self.pipe).from_pipe(self.pipe, scheduler=DPMSolverMultistepScheduler.from_config(
+            self.pipe.scheduler.config))
+        t = self.cfg.trigger
+        bsr, grids = {}, {}
+        for k, e in enumerate(self.protected[:self.cfg.logging.probe_entries]):
+            images = sample(pipe, t.templates[0].format(identifier=t.identifiers[0], cls=e.cls), n, seed=k)
+            bsr.setdefault(e.objective, []).append(score(images, e)["bsr"])
+            grids.setdefault(f"samples/trigger/{e.objective}", (images, True))
+        for cls in sorted({e.cls for e in self.entries}):
+            grids[f"samples/clean/{cls}"] = (sample(pipe, f"a photo of a {cls}", n, seed=0), False)
+        self.unet.train()
+        return {f"probe/bsr/{o}": sum(v) / len(v) for o, v in bsr.items()}, grids
+
+    def _add_grads(self, grads: dict[str, torch.Tensor], weight: float) -> None:
+        for n, g in grads.items():
+            p = self.params[n]
+            if p.grad is None:
+                p.grad = weight * g
+            else:
+                p.grad.add_(g, alpha=weight)
+
     # ------------------------------------------------------------------------------- lifecycle
     def fingerprint(self) -> dict:
         cfg = self.cfg.to_dict()
@@ -217,6 +273,7 @@ class Protector:
         tmp = path.with_suffix(".tmp")
         torch.save({"step": self.step, "unet": self.unet.state_dict(), "opt": self.opt.state_dict(),
                     "rng": (self.rng.getstate(), self.gen.get_state(), torch.get_rng_state()),
+                    "trajectories": [t.state_dict() if t else None for t in (self.trajectories, self.selectivity)],
                     "fingerprint": self.fingerprint()}, tmp)
         tmp.replace(path)
         for old in sorted(ckdir.glob("step-*.pt"))[:-self.cfg.keep_checkpoints]:
@@ -236,6 +293,9 @@ class Protector:
         self.rng.setstate(state["rng"][0])
         self.gen.set_state(state["rng"][1])
         torch.set_rng_state(state["rng"][2])
+        for t, saved in zip((self.trajectories, self.selectivity), state.get("trajectories", (None, None))):
+            if t is not None and saved is not None:
+                t.load_state_dict(saved)
         self.step = state["step"]
         return True
 
@@ -260,16 +320,34 @@ def protect(cfg: ProtectConfig, progress: bool = True) -> dict:
     t0 = time.time()
     p = Protector(cfg, progress)
     resumed = p.resume()
-    history = []
+    tracker = Tracker(cfg, p.out, p.fingerprint())
+    log = cfg.logging
+
+    def run_probe():
+        metrics, grids = p.probe(log.probe_samples)
+        tracker.log(metrics, p.step)
+        for key, (images, shows_protected) in grids.items():
+            tracker.grid(key, images, p.step, protected=shows_protected)
+        return metrics
+
+    history, window = [], []
     bar = tqdm(range(p.step, cfg.steps), desc="protect", disable=not progress, initial=p.step, total=cfg.steps)
     for _ in bar:
         logs = p.train_step()
         history.append(logs)
+        window.append(logs)
         bar.set_postfix({k.split("/")[-1]: f"{v:.3f}" for k, v in logs.items() if k.startswith("loss")})
+        if log.every and p.step % log.every == 0:
+            tracker.log({k: sum(h[k] for h in window) / len(window) for k in window[-1]}, p.step)
+            window = []
+        if log.probe_every > 0 and p.step % log.probe_every == 0 and p.step < cfg.steps:
+            run_probe()
         if cfg.checkpoint_every and p.step % cfg.checkpoint_every == 0:
             p.save_checkpoint()
     last = {k: sum(h[k] for h in history[-20:]) / len(history[-20:]) for k in history[-1]} if history else {}
-    metrics = {"steps": p.step, "resumed": resumed, "seconds": time.time() - t0, "final_losses": last}
+    probe = run_probe() if log.probe_every >= 0 else {}
+    metrics = {"steps": p.step, "resumed": resumed, "seconds": time.time() - t0, "final_losses": last,
+               "probe": probe}
     folder = p.export(metrics)
+    tracker.finish({"seconds": metrics["seconds"], **probe})
     return {"protected": str(folder), **metrics}
-

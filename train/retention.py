@@ -81,3 +81,55 @@ def math_attention():
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     return sdpa_kernel([SDPBackend.MATH])
+
+
+class Trajectories:
+    """Amortized long-horizon retention (SPEC section 7): `slots` simulated attackers live ACROSS outer
+    steps, each a displacement delta_k of the weights plus its own Adam state. Every outer step each slot
+    takes one attacker Adam step at theta + delta_k (the attacker's own lr), the backdoor loss's gradient
+    is taken at the new theta + delta_k and applied at theta, and a slot that reaches `horizon` steps
+    restarts from theta. Depths are staggered, so at any time the slots cover the whole attack horizon at
+    a cost per outer step of `slots` attacker steps, independent of the horizon.
+
+    Each slot attacks one entry for its whole life (`pick()` chooses it at every restart).
+    """
+
+    def __init__(self, params: dict[str, torch.nn.Parameter], slots: int, horizon: int, lr: float, pick: Callable):
+        self.names, self.horizon, self.lr, self.pick = list(params), horizon, lr, pick
+        self.slots = [self._fresh(params, depth=k * horizon // slots) for k in range(slots)]
+
+    def _fresh(self, params, depth: int = 0) -> dict:
+        zeros = lambda: {n: torch.zeros_like(params[n], requires_grad=False) for n in self.names}  # noqa: E731
+        return {"delta": zeros(), "m": zeros(), "v": zeros(), "depth": depth, "age": 0, "entry": self.pick()}
+
+    def step(self, unet, params: dict[str, torch.nn.Parameter], attacker: Callable,
+             backdoor: Callable) -> tuple[float, dict[str, torch.Tensor]]:
+        """`attacker(f, entry)` / `backdoor(f, entry)`; returns (mean backdoor loss, summed gradient / slots)."""
+        grad_sum = {n: torch.zeros_like(params[n]) for n in self.names}
+        total = 0.0
+        for k, s in enumerate(self.slots):
+            if s["depth"] >= self.horizon:
+                self.slots[k] = s = self._fresh(params)
+            w = {n: (params[n].detach() + s["delta"][n]).requires_grad_(True) for n in self.names}
+            grads = torch.autograd.grad(attacker(unet_at(unet, w), s["entry"]), [w[n] for n in self.names],
+                                        allow_unused=True)
+            s["age"] += 1
+            with torch.no_grad():
+                for n, g in zip(self.names, grads):
+                    if g is not None:
+                        _adam_step(s["delta"][n], g, s["m"][n], s["v"][n], s["age"], self.lr)
+            s["depth"] += 1
+            w = {n: (params[n].detach() + s["delta"][n]).requires_grad_(True) for n in self.names}
+            loss = backdoor(unet_at(unet, w), s["entry"])
+            grads = torch.autograd.grad(loss, [w[n] for n in self.names], allow_unused=True)
+            for n, g in zip(self.names, grads):
+                if g is not None:
+                    grad_sum[n] += g / len(self.slots)
+            total += loss.item() / len(self.slots)
+        return total, grad_sum
+
+    def state_dict(self) -> list[dict]:
+        return self.slots
+
+    def load_state_dict(self, slots: list[dict]) -> None:
+        self.slots = slots

@@ -1,0 +1,67 @@
+"""Run tracking for `persguard protect`: Weights & Biases, offline unless the user opts in.
+
+Logs every loss term, backdoor probes (BSR of each objective on the trigger prompts, before any attack)
+and sample grids. What may leave the machine is decided here, in one place:
+- metrics are aggregated per objective / class, never per entry (entry ids are catalog data);
+- grids of clean class prompts are always logged; grids of protected entries' triggers only when
+  `logging.upload_protected_images` is true (they may depict the protected subjects).
+WANDB_MODE in the environment wins over the config (offline | online | disabled).
+"""
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from train.config import ProtectConfig
+
+
+def grid_array(images: torch.Tensor, per_row: int = 8) -> np.ndarray:
+    """(N, 3, H, W) in [0, 1] -> one HxWx3 uint8 mosaic."""
+    n, _, h, w = images.shape
+    rows = (n + per_row - 1) // per_row
+    canvas = torch.ones(3, rows * h, per_row * w)
+    for i, img in enumerate(images):
+        r, c = divmod(i, per_row)
+        canvas[:, r * h:(r + 1) * h, c * w:(c + 1) * w] = img
+    return (canvas.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+
+
+class Tracker:
+    def __init__(self, cfg: ProtectConfig, out: Path, fingerprint: dict):
+        self.cfg = cfg.logging
+        mode = os.environ.get("WANDB_MODE") or self.cfg.wandb_mode
+        self.run = None
+        if mode == "disabled":
+            return
+        import wandb
+
+        out.mkdir(parents=True, exist_ok=True)
+        id_file = out / "wandb-run-id"   # one W&B run across resumes of the same output folder
+        run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
+        id_file.write_text(run_id)
+        self.run = wandb.init(project=self.cfg.project, mode=mode, dir=str(out), id=run_id, resume="allow",
+                              config={**cfg.to_dict(), "fingerprint": fingerprint},
+                              settings=wandb.Settings(silent=True, console="off"))
+
+    def log(self, metrics: dict, step: int) -> None:
+        if self.run is not None:
+            self.run.log(metrics, step=step)
+
+    def grid(self, key: str, images: torch.Tensor, step: int, protected: bool) -> bool:
+        """Logs a sample grid; returns False (and logs nothing) where the privacy rule forbids it."""
+        if self.run is None or (protected and not self.cfg.upload_protected_images):
+            return False
+        import wandb
+
+        self.run.log({key: wandb.Image(grid_array(images))}, step=step)
+        return True
+
+    def finish(self, summary: dict) -> None:
+        if self.run is not None:
+            for k, v in summary.items():
+                self.run.summary[k] = v
+            self.run.finish()
