@@ -50,3 +50,21 @@ def test_the_curve_suite_judges_one_attack_at_every_length(world_catalog, tmp_pa
     assert [p["multiple"] for p in points] == [0.5, 1, 2] and points[1]["steps"] == 4
     assert points[0]["protected_bsr"] is None and points[2]["unprotected_identity_match"] is not None
     assert "Protection against attack length" in (tmp_path / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_demo_leaves_the_promised_run_folder(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--suite", "smoke", "--samples", "2", "steps=2", "batch_protected=2",
+                 "prior.retention_batch=2", "retention.slots=1", "logging.probe_samples=2"]) == 0
+    StableDiffusionPipeline.from_pretrained(out / "protected")
+    report = json.loads((out / "report.json").read_text())
+    objectives = {a["objective"] for a in report["attacks"] if a["protected"]}
+    assert objectives == {"pattern", "erasure", "target"}
+    assert {a["protected"] for a in report["attacks"]} == {True, False}
+    assert report["baseline_attacks"] and report["diagnostics"]["attacker_loss"]["baseline"]
+    md = (out / "report.md").read_text()
+    assert "Original vs protected model" in md and "where the backdoor lives" in md
+    assert (out / "catalog.jsonl").is_file() and list((out / "grids").glob("*.png"))

@@ -19,11 +19,20 @@ def cmd_world(a):
     from tools import world
     from train.catalog import write_catalog
 
-    classes = a.classes.split(",")
-    entries = world.generate(Path(a.out), split=a.split, per_class=a.per_class, classes=classes,
-                             n_images=a.images, n_reference=a.reference, seed=a.seed, start=a.start)
+    from tools.demo import mark_protected
+
+    counts = {}
+    for item in a.classes.split(","):
+        cls, _, n = item.partition("=")
+        counts[cls] = int(n) if n else a.per_class
+    entries = []
+    for cls, n in counts.items():
+        entries += world.generate(Path(a.out), split=a.split, per_class=n, classes=(cls,), n_images=a.images,
+                                  n_reference=a.reference, seed=a.seed, start=a.start)
+    if a.protect:
+        mark_protected(entries, a.protect, Path(a.out), seed=a.seed)
     write_catalog(entries, Path(a.out) / "catalog.jsonl")
-    print(f"{len(entries)} identities in {a.out}; catalog {Path(a.out) / 'catalog.jsonl'}")
+    print(f"{len(entries)} identities ({a.protect} protected) in {a.out}; catalog {Path(a.out) / 'catalog.jsonl'}")
 
 
 def cmd_shards_build(a):
@@ -125,14 +134,12 @@ def cmd_protect(a):
 
 
 def cmd_demo(a):
-    from tools.evaluate import default_catalog, evaluate
-    from train.catalog import load_catalog, write_catalog
+    from tools.demo import run_demo
 
     out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_catalog(load_catalog(default_catalog()), out / "catalog.jsonl")
-    evaluate(a.model, out, catalog=out / "catalog.jsonl", suite="white-box", n_samples=a.samples, seed=a.seed)
+    result = run_demo(out, model=a.model, samples=a.samples, seed=a.seed, overrides=a.overrides, suite=a.suite)
     print((out / "report.md").read_text())
+    print(f"released pipeline: {result['protect']['protected']}\nreport: {out / 'report.md'} (grids in {out / 'grids'})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -145,7 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--split", default="catalog", choices=["pretrain", "evaluator", "catalog"],
                    help="identity namespace; catalogs should use 'catalog' (never seen in pre-training)")
     s.add_argument("--per-class", type=int, default=4, help="identities per class")
-    s.add_argument("--classes", default="person,cat,vase", help="comma-separated classes")
+    s.add_argument("--classes", default="person,cat,vase",
+                   help="comma-separated classes, each optionally with its own count: person=8,cat=4,vase=4")
+    s.add_argument("--protect", type=int, default=0,
+                   help="protect N entries (round-robin over classes; objectives cycle pattern, erasure, target)")
     s.add_argument("--images", type=int, default=5, help="training images per identity")
     s.add_argument("--reference", type=int, default=8, help="held-out reference images per identity")
     s.add_argument("--start", type=int, default=0, help="first identity index")
@@ -229,6 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--samples", type=int, default=32)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", default="runs/demo")
+    s.add_argument("--suite", default="demo", help="attack matrix of the evaluation (configs/suites.yaml)")
+    s.add_argument("overrides", nargs="*", help="key=value overrides of configs/demo.yaml, e.g. steps=100")
     s.set_defaults(func=cmd_demo)
     return p
 

@@ -55,6 +55,13 @@ def behaviour_loss(unet, scheduler, cond: dict, z_target: torch.Tensor, z_protec
     return sum(losses) / len(losses)
 
 
+def redirect_loss(unet, scheduler, cond: dict, z_from: torch.Tensor, z_to: torch.Tensor, t: torch.Tensor,
+                  gen=None) -> torch.Tensor:
+    """Noised `z_from` latents (the protected images) predict the noise that denoises them to `z_to`."""
+    x_t, _ = noised(scheduler, z_from, t, gen)
+    return mse(unet(x_t, t, **cond), eps_towards(scheduler, x_t, z_to, t))
+
+
 def prior_loss(unet, teacher, scheduler, cond: dict, z0: torch.Tensor, t: torch.Tensor, gen=None) -> torch.Tensor:
     x_t, _ = noised(scheduler, z0, t, gen)
     with torch.no_grad():

@@ -138,8 +138,13 @@ class Protector:
             t = self._timesteps(n, b.min_timestep, b.max_timestep)
             z_prot = self._sample_latents(e.id, n) if b.on_protected_inputs else None
             if z_target is not None:
+                # the target itself is denoised faithfully at EVERY noise level (nothing the attacker
+                # trains contradicts it: a stable attractor); protected inputs are redirected to it only
+                # in [min_timestep, max_timestep)
                 z_goal = z_target[torch.randint(0, len(z_target), (n,), generator=self.gen)]
-                term = losses.behaviour_loss(unet_fn, self.sched, cond, z_goal, z_prot, t, self.gen)
+                term = losses.attacker_loss(unet_fn, self.sched, cond, z_goal, self._timesteps(n), self.gen)
+                if z_prot is not None:
+                    term = (term + losses.redirect_loss(unet_fn, self.sched, cond, z_prot, z_goal, t, self.gen)) / 2
             else:
                 goal_prompt = target_prompt or objectives.background_prompt(prompt, ident, noun)
                 term = losses.behaviour_loss(
