@@ -133,6 +133,16 @@ def cmd_protect(a):
     _dump(protect(load_config(a.config, a.overrides)))
 
 
+def cmd_audit(a):
+    from tools.audit import audit
+
+    problems = audit(Path(a.folder), Path(a.catalog))
+    for p in problems:
+        print(f"LEAK {p}")
+    print(f"audit {'FAILED' if problems else 'passed'}: {a.folder} against {a.catalog} ({len(problems)} problem(s))")
+    return 1 if problems else 0
+
+
 def cmd_demo(a):
     from tools.demo import run_demo
 
@@ -234,6 +244,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("overrides", nargs="*", help="key=value overrides, e.g. steps=200 retention.inner_steps=5")
     s.set_defaults(func=cmd_protect)
 
+    s = sub.add_parser("audit", help="check that a released pipeline folder holds no catalog data")
+    s.add_argument("folder", help="the released diffusers folder")
+    s.add_argument("--catalog", required=True, help="the catalog it was protected for")
+    s.set_defaults(func=cmd_audit)
+
     s = sub.add_parser("demo", help="the main job on the embedded default (what `make demo` runs)")
     s.add_argument("--model", default="tiny-sd")
     s.add_argument("--samples", type=int, default=32)
@@ -253,11 +268,11 @@ def main(argv: list[str] | None = None) -> int:
     from tools.shards import ShardSourceError
 
     try:
-        args.func(args)
+        rc = args.func(args)
     except (CatalogError, ConfigError, ShardError, ShardSourceError, FileNotFoundError, ValueError) as e:
         print(f"persguard {args.command}: error: {e}", file=sys.stderr)
         return 2
-    return 0
+    return rc or 0
 
 
 if __name__ == "__main__":

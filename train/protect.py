@@ -312,11 +312,16 @@ class Protector:
         tmp = self.out / "protected.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         save_pipeline(self.pipe, tmp)
+        from tools.audit import audit
+
+        leaks = audit(tmp, Path(self.cfg.catalog))
+        if leaks:   # never publish a folder that carries catalog data; the checkpoints stay for a fix-up
+            raise RuntimeError(f"{tmp}: release audit failed: " + "; ".join(leaks))
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         manifest = {"catalog_sha256_16": self.fingerprint()["catalog"], "config": self.cfg.to_dict(),
                     "entries": {"protected": len(self.protected), "unprotected": len(self.unprotected)},
-                    "metrics": metrics}
+                    "audit": "passed", "metrics": metrics}
         (self.out / "manifest.json").write_text(json.dumps(manifest, indent=1))
         return final
 
