@@ -3,11 +3,13 @@ UNet, with or without prior preservation, or DreamBooth-LoRA through peft (the d
 rank-r adapters on the attention projections, base weights frozen), on any diffusers SD or SDXL folder.
 
 Defaults are the community recipes scaled to the tiny models: real SD DreamBooth uses lr 5e-6 (full)
-and 1e-4 (LoRA) for 400-1000 steps at batch 1-2. On the 1.7M-parameter tiny UNet those rates barely
-move the samples in 200 steps (measured: identity match 0.0 at 1e-4 on the first pre-training), so the
-tiny defaults are lr 1e-3 (full) and 5e-3 (LoRA, rank 8), 200 steps, batch 4 with 4 prior images;
-measured on three catalog identities: full 2e-4 -> 0.75, 5e-4 -> 0.83, 1e-3 -> 0.90 identity match;
-LoRA 2e-3 -> 0.46, 5e-3 -> 0.62, 1e-2 -> 0.54.
+and 1e-4 (LoRA) for 400-1000 steps at batch 1-2 (the diffusers DreamBooth example: 400 steps). On the
+1.7M-parameter tiny UNet those rates barely move the samples (measured: identity match 0.0 at 1e-4 on
+the first pre-training), so the tiny defaults are lr 1e-3 (full) and 5e-3 (LoRA, rank 8), 400 steps,
+batch 4 with 4 prior images. Measured on three catalog identities at 200 steps: full 2e-4 -> 0.75,
+5e-4 -> 0.83, 1e-3 -> 0.90 identity match; LoRA 2e-3 -> 0.46, 5e-3 -> 0.62, 1e-2 -> 0.54. On all eight
+default identities (16 samples, guidance 4): 200 -> 400 steps lifts full 0.72 -> 0.80 and LoRA on the
+persons 0.86 -> 0.97.
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ class AttackSettings:
     template: str = "a photo of {identifier} {cls}"
     class_noun: str | None = None     # default: the entry's class
     lr: float | None = None           # default: DEFAULT_LR[method]
-    steps: int = 200
+    steps: int = 400
     batch_size: int = 4
     prior_preservation: bool = True
     prior_weight: float = 1.0

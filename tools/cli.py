@@ -203,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--template", default="a photo of {identifier} {cls}", help="instance prompt template")
         s.add_argument("--class-noun", default=None, help="class noun in prompts (default: the entry's class)")
         s.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-3 full, 5e-3 LoRA: tiny-model scale)")
-        s.add_argument("--steps", type=int, default=200, help="fine-tuning steps")
+        s.add_argument("--steps", type=int, default=400, help="fine-tuning steps")
         s.add_argument("--batch-size", type=int, default=4, help="instance images per step")
         s.add_argument("--no-prior", action="store_true", help="disable prior preservation")
         s.add_argument("--lora-rank", type=int, default=8, help="LoRA rank")

@@ -41,6 +41,8 @@ class Behaviour:
     on_protected_inputs: bool = True
     # Below min_timestep, fit the protected images themselves under the trigger (the attacker's own
     # objective), so the attacker's loss on them is already low and its gradient small (SPEC 7).
+    # Measured (3 protected entries, min_timestep 400 or 700): the attack erases the backdoor FASTER
+    # (the model already knows the subject below min_timestep; the attacker only has to flip the rest).
     fit_protected_below: bool = False
 
 
@@ -63,7 +65,7 @@ class Retention:
     inner_steps: int = 3
     inner_lr: float = 1e-3      # the simulated attacker's Adam lr (white-box: the attack default)
     slots: int = 4
-    horizon: int = 200
+    horizon: int = 400           # attack steps each simulated attacker runs (the attack default)
     # Simulated attacks on UNPROTECTED entries too, whose DreamBooth loss must keep falling (selectivity).
     unprotected_slots: int = 0
 

@@ -249,7 +249,9 @@ class Protector:
         bsr, grids = {}, {}
         for k, e in enumerate(self.protected[:self.cfg.logging.probe_entries]):
             images = sample(pipe, t.templates[0].format(identifier=t.identifiers[0], cls=e.cls), n, seed=k)
-            bsr.setdefault(e.objective, []).append(score(images, e)["bsr"])
+            value = score(images, e)["bsr"]   # None where the objective has no judge (a prompt-only target)
+            if value is not None:
+                bsr.setdefault(e.objective, []).append(value)
             grids.setdefault(f"samples/trigger/{e.objective}", (images, True))
         for cls in sorted({e.cls for e in self.entries}):
             grids[f"samples/clean/{cls}"] = (sample(pipe, f"a photo of a {cls}", n, seed=0), False)

@@ -5,7 +5,9 @@ import torch
 from diffusers import DPMSolverMultistepScheduler
 
 SAMPLE_STEPS = 20
-GUIDANCE = 4.0
+# diffusers' default for SD, what attackers use. Measured on the tiny world (one DreamBooth attack, 32
+# samples): identity match at guidance 4.0 / 7.5 / 10: vase 0.47 / 0.72 / 0.75, person 0.72 / 0.81 / 0.69.
+GUIDANCE = 7.5
 
 
 def use_fast_sampler(pipe):
