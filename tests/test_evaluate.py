@@ -68,3 +68,21 @@ def test_demo_leaves_the_promised_run_folder(tmp_path):
     md = (out / "report.md").read_text()
     assert "Original vs protected model" in md and "where the backdoor lives" in md
     assert (out / "catalog.jsonl").is_file() and list((out / "grids").glob("*.png"))
+
+
+@pytest.mark.slow
+def test_ablate_runs_each_variant_and_tabulates(tmp_path):
+    from tools.demo import build_demo_catalog
+
+    catalog = build_demo_catalog(tmp_path / "cat")
+    config = tmp_path / "run.yaml"
+    config.write_text(f"catalog: {catalog}\nsteps: 1\nbatch_protected: 2\nprior: {{retention_batch: 2}}\n"
+                      "retention: {slots: 1, inner_steps: 1}\nlogging: {probe_every: -1, wandb_mode: disabled}\n")
+    assert main(["ablate", "--config", str(config), "--out", str(tmp_path / "abl"), "--suite", "smoke",
+                 "--samples", "2", "--only", "no-retention,second-order-restart"]) == 0
+    rows = json.loads((tmp_path / "abl" / "ablation.json").read_text())
+    assert list(rows) == ["no-retention", "second-order-restart"]
+    assert rows["no-retention"]["overrides"] == ["weights.retention=0"]
+    assert rows["second-order-restart"]["unprotected_fidelity_ratio"] is not None
+    assert (tmp_path / "abl" / "no-retention" / "protected" / "model_index.json").is_file()
+    assert "| no-retention | weights.retention=0 |" in (tmp_path / "abl" / "ablation.md").read_text()

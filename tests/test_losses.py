@@ -119,3 +119,17 @@ def test_trajectories_with_a_frozen_attacker_give_the_plain_gradient(setup):
     assert abs(loss - backdoor(retention.unet_at(unet, params)).item()) < 1e-5
     for (name, g), e in zip(grads.items(), expected):
         assert torch.allclose(g, e, atol=1e-5), name
+
+
+def test_redirect_loss_is_bounded_near_t0_and_zero_for_the_oracle(setup):
+    unet, sched, cond = setup
+    z_from, z_to = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    oracle = lambda x, tt, **c: losses.eps_towards(sched, x, z_to, tt)  # noqa: E731
+    t = torch.tensor([0, 999])
+    assert losses.redirect_loss(oracle, sched, cond, z_from, z_to, t).item() < 1e-6
+    zero = lambda x, tt, **c: torch.zeros_like(x)  # noqa: E731
+    near0 = losses.redirect_loss(zero, sched, cond, z_from, z_to, torch.tensor([0, 1]))
+    unweighted = losses.mse(torch.zeros(1), losses.eps_towards(sched, sched.add_noise(z_from, torch.randn_like(z_from),
+                                                                                       torch.tensor([0, 1])), z_to,
+                                                               torch.tensor([0, 1])))
+    assert near0.item() < unweighted.item() / 50

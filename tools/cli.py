@@ -133,6 +133,14 @@ def cmd_protect(a):
     _dump(protect(load_config(a.config, a.overrides)))
 
 
+def cmd_ablate(a):
+    from tools.ablation import ablate
+
+    ablate(Path(a.config), Path(a.out), suite=a.suite, n_samples=a.samples, seed=a.seed,
+           only=a.only.split(",") if a.only else None, overrides=a.overrides)
+    print((Path(a.out) / "ablation.md").read_text())
+
+
 def cmd_audit(a):
     from tools.audit import audit
 
@@ -243,6 +251,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", default=None, help="YAML run config (train/config.py documents every field)")
     s.add_argument("overrides", nargs="*", help="key=value overrides, e.g. steps=200 retention.inner_steps=5")
     s.set_defaults(func=cmd_protect)
+
+    s = sub.add_parser("ablate", help="protect + evaluate each variant of configs/ablations.yaml; one table")
+    s.add_argument("--config", required=True, help="the run config every variant starts from")
+    s.add_argument("--out", required=True)
+    s.add_argument("--suite", default="white-box")
+    s.add_argument("--samples", type=int, default=32)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--only", default=None, help="comma-separated variant names")
+    s.add_argument("overrides", nargs="*", help="key=value overrides applied to every variant")
+    s.set_defaults(func=cmd_ablate)
 
     s = sub.add_parser("audit", help="check that a released pipeline folder holds no catalog data")
     s.add_argument("folder", help="the released diffusers folder")
