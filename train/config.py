@@ -85,6 +85,7 @@ class Logging:
 class ProtectConfig:
     model: str = "tiny-sd"
     catalog: str = ""
+    attention: str = "auto"             # auto | xformers | sdpa (train/attention.py)
     out: str = "runs/protect"
     seed: int = 0
     steps: int = 400
@@ -106,6 +107,8 @@ class ProtectConfig:
             problems.append("catalog: required")
         if self.steps < 0 or self.lr <= 0:
             problems.append("steps must be >= 0 and lr > 0")
+        if self.attention not in ("auto", "xformers", "sdpa"):
+            problems.append(f"attention: {self.attention!r} is not auto, xformers or sdpa")
         if self.retention.mode not in ("trajectory", "restart"):
             problems.append(f"retention.mode: {self.retention.mode!r} is not 'trajectory' or 'restart'")
         if self.retention.slots < 1 or self.retention.horizon < 1:

@@ -23,6 +23,7 @@ from diffusers import DDPMScheduler
 from tqdm import tqdm
 
 from train import losses, objectives, retention
+from train.attention import set_attention
 from train.catalog import Entry, load_catalog, load_images
 from train.conditioning import encode_images, encode_prompts, unet_kwargs
 from train.config import ProtectConfig
@@ -68,6 +69,7 @@ class Protector:
         self.rng = random.Random(cfg.seed)
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.pipe = load_pipeline(cfg.model)
+        self.attention = set_attention(self.pipe.unet, cfg.attention)
         self.teacher = copy.deepcopy(self.pipe.unet).requires_grad_(False).eval()
         self.unet = self.pipe.unet.requires_grad_(True).train()
         self.sched = DDPMScheduler.from_config(self.pipe.scheduler.config)
