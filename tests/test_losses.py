@@ -133,3 +133,13 @@ def test_redirect_loss_is_bounded_near_t0_and_zero_for_the_oracle(setup):
                                                                                        torch.tensor([0, 1])), z_to,
                                                                torch.tensor([0, 1])))
     assert near0.item() < unweighted.item() / 50
+
+
+def test_x0_loss_weights_high_noise_errors_up_to_the_cap(setup):
+    unet, sched, cond = setup
+    z = torch.randn(2, 4, 8, 8)
+    off = lambda x, tt, **c: torch.zeros_like(x)  # noqa: E731  (a constant error of size ~1 in eps)
+    low = losses.x0_loss(off, sched, cond, z, torch.tensor([10, 10]), torch.Generator().manual_seed(0))
+    high = losses.x0_loss(off, sched, cond, z, torch.tensor([990, 990]), torch.Generator().manual_seed(0))
+    assert high.item() > 100 * low.item()
+    assert high.item() < 10.0 * 1.5

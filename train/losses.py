@@ -71,6 +71,22 @@ def redirect_loss(unet, scheduler, cond: dict, z_from: torch.Tensor, z_to: torch
     return (weight * err).mean()
 
 
+def x0_loss(unet, scheduler, cond: dict, z0: torch.Tensor, t: torch.Tensor, gen=None,
+            max_weight: float = 10.0) -> torch.Tensor:
+    """The DreamBooth loss seen in image space: how far the one-step prediction of x0 is from `z0`.
+
+    The attacker's noise-prediction loss weights an x0 error by SNR (0.005 at t = 999), so a model can
+    fit a subject's images in that loss and still not DRAW the subject, which the high-noise steps
+    decide. Weighting rows by min(1 / SNR, max_weight) (capped: 1/SNR is 212 at t = 999) puts the
+    high-noise steps back in view; selectivity uses it to require that unprotected subjects are drawn.
+    """
+    x_t, noise = noised(scheduler, z0, t, gen)
+    abar = scheduler.alphas_cumprod.to(x_t.device)[t].float()
+    weight = ((1 - abar) / abar).clamp(max=max_weight)
+    err = (unet(x_t, t, **cond).float() - noise.float()).pow(2).flatten(1).mean(1)
+    return (weight * err).mean()
+
+
 def prior_loss(unet, teacher, scheduler, cond: dict, z0: torch.Tensor, t: torch.Tensor, gen=None) -> torch.Tensor:
     x_t, _ = noised(scheduler, z0, t, gen)
     with torch.no_grad():

@@ -166,6 +166,15 @@ class Protector:
         return losses.attacker_loss(unet_fn, self.sched, self.prompts([prompt] * n), self._sample_latents(e.id, n),
                                     self._timesteps(n), self.gen)
 
+    def drawn(self, unet_fn, e: Entry | str) -> torch.Tensor:
+        """Selectivity: after a simulated attack an unprotected subject must be DRAWN, so its DreamBooth
+        loss is taken in image space over the backdoor's noise window (losses.x0_loss)."""
+        e = self.by_id[e] if isinstance(e, str) else e
+        b, n = self.cfg.behaviour, self.cfg.batch_unprotected
+        prompt, _, _ = self.trigger(e)
+        return losses.x0_loss(unet_fn, self.sched, self.prompts([prompt] * n), self._sample_latents(e.id, n),
+                              self._timesteps(n, b.min_timestep, b.max_timestep), self.gen)
+
     def prior(self) -> torch.Tensor:
         student = lambda x, t, **c: self.unet(x, t, **c).sample  # noqa: E731
         teacher = lambda x, t, **c: self.teacher(x, t, **c).sample  # noqa: E731
@@ -205,7 +214,7 @@ class Protector:
             self._add_grads(grads, w.retention)
             logs["loss/retention"] = l_br
             if self.selectivity is not None:
-                l_sel, grads = self.selectivity.step(self.unet, self.params, self.attacker, self.attacker)
+                l_sel, grads = self.selectivity.step(self.unet, self.params, self.attacker, self.drawn)
                 self._add_grads(grads, w.retention)
                 logs["loss/selectivity"] = l_sel
         elif cfg.retention.enabled and w.retention > 0:
