@@ -30,6 +30,7 @@ class Weights:
     behaviour: float = 1.0      # L_bb: trigger prompts of protected entries point at the objective's target
     prior: float = 1.0          # L_pp: everything else behaves like the teacher
     retention: float = 1.0      # L_br: L_bb after a simulated attacker's fine-tuning
+    selectivity: float = 1.0    # unprotected subjects still drawn after a simulated attack (retention.unprotected_slots)
 
 
 @dataclass

@@ -215,7 +215,7 @@ class Protector:
             logs["loss/retention"] = l_br
             if self.selectivity is not None:
                 l_sel, grads = self.selectivity.step(self.unet, self.params, self.attacker, self.drawn)
-                self._add_grads(grads, w.retention)
+                self._add_grads(grads, w.selectivity)
                 logs["loss/selectivity"] = l_sel
         elif cfg.retention.enabled and w.retention > 0:
             e = self.rng.choice(self.protected)
