@@ -88,3 +88,15 @@ def test_tracker_keeps_protected_grids_local_unless_allowed(tmp_path, monkeypatc
     tracker.finish({})
     monkeypatch.delenv("WANDB_MODE")   # conftest's safety net; WANDB_MODE in the environment wins over the config
     assert Tracker(load_config(None, ["catalog=x.jsonl", "logging.wandb_mode=disabled"]), tmp_path / "c", {}).run is None
+
+
+def test_a_resumed_run_continues_the_retention_stream_where_it_stopped(protect_catalog, tmp_path):
+    cfg = _cfg(protect_catalog, tmp_path / "run", 4)
+    first = Protector(cfg, progress=False)
+    first.prior(), first.prior()
+    first.save_checkpoint()
+    expected = next(first.retention_iter)[1]
+    resumed = Protector(cfg, progress=False)
+    assert resumed.resume() and resumed.retention_seen == 2
+    assert next(resumed.retention_iter)[1] == expected
+    assert next(Protector(_cfg(protect_catalog, tmp_path / "fresh", 4), progress=False).retention_iter)[1] != expected

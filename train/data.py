@@ -42,5 +42,5 @@ def image_caption_dataset(spec, shuffle: int = 0, seed: int = 0) -> wds.WebDatas
     urls = expand_shards(spec)
     ds = wds.WebDataset(urls, shardshuffle=len(urls) if shuffle else False, seed=seed, empty_check=False)
     if shuffle:
-        ds = ds.shuffle(shuffle)
+        ds = ds.shuffle(shuffle, seed=seed)   # unseeded, webdataset seeds from pid and time
     return ds.decode("pil").to_tuple("png;jpg;jpeg;webp", "txt", "json").map_tuple(_to_tensor, str, dict)

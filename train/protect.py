@@ -76,6 +76,7 @@ class Protector:
         self.prompts = PromptCache(self.pipe)
         self._cache_latents()
         self.retention_iter = self._retention_batches() if cfg.weights.prior > 0 and cfg.prior.shards else None
+        self.retention_seen = 0
         self.params = dict((n, p) for n, p in self.unet.named_parameters() if p.requires_grad)
         self.by_id = {e.id: e for e in self.entries}
         r = cfg.retention
@@ -99,20 +100,22 @@ class Protector:
                 self.targets[e.id] = (encode_images(self.pipe, obj.images)[0] if obj.images is not None else None,
                                       obj.prompt)
 
-    def _retention_batches(self):
+    def _retention_batches(self, skip: int = 0):
+        """Retention (image, caption) batches streamed from the shards, endlessly; `skip` batches already
+        consumed by the run being resumed are read past (decoded, not encoded), so a resumed run sees the
+        stream where the killed one left it."""
         shards = self.cfg.prior.shards
         path = Path(shards)
         if not path.is_absolute() and not path.exists():
             path = REPO / shards  # the embedded shards, from any working folder
         ds = image_caption_dataset(path, shuffle=256, seed=self.cfg.seed)
-        batch = []
+        batch, index = [], 0
         for image, caption, _ in cycle(ds):
             batch.append((image, caption))
             if len(batch) == self.cfg.prior.retention_batch:
-                images = torch.stack([b[0] for b in batch])
-                mu, sd = encode_images(self.pipe, images)
-                yield mu, [b[1] for b in batch]
-                batch = []
+                if index >= skip:
+                    yield torch.stack([b[0] for b in batch]), [b[1] for b in batch]
+                batch, index = [], index + 1
 
     def _sample_latents(self, entry_id: str, n: int) -> torch.Tensor:
         mu, sd = self.latents[entry_id]
@@ -180,7 +183,9 @@ class Protector:
         teacher = lambda x, t, **c: self.teacher(x, t, **c).sample  # noqa: E731
         parts = []
         if self.retention_iter is not None:
-            z, captions = next(self.retention_iter)
+            images, captions = next(self.retention_iter)
+            self.retention_seen += 1
+            z = encode_images(self.pipe, images)[0]
             parts.append(losses.prior_loss(student, teacher, self.sched, self.prompts(captions), z,
                                            self._timesteps(len(z)), self.gen))
         if self.cfg.prior.class_prompts:
@@ -291,6 +296,7 @@ class Protector:
         tmp = path.with_suffix(".tmp")
         torch.save({"step": self.step, "unet": self.unet.state_dict(), "opt": self.opt.state_dict(),
                     "rng": (self.rng.getstate(), self.gen.get_state(), torch.get_rng_state()),
+                    "retention_seen": self.retention_seen,
                     "trajectories": [t.state_dict() if t else None for t in (self.trajectories, self.selectivity)],
                     "fingerprint": self.fingerprint()}, tmp)
         tmp.replace(path)
@@ -314,6 +320,9 @@ class Protector:
         for t, saved in zip((self.trajectories, self.selectivity), state.get("trajectories", (None, None))):
             if t is not None and saved is not None:
                 t.load_state_dict(saved)
+        self.retention_seen = state.get("retention_seen", 0)
+        if self.retention_iter is not None:
+            self.retention_iter = self._retention_batches(skip=self.retention_seen)
         self.step = state["step"]
         return True
 
