@@ -23,8 +23,9 @@ SUBSTITUTE_START = 1000   # catalog-split indices of substitute identities (neve
 def mark_protected(entries: list[dict], n: int, folder: Path, seed: int = 0) -> list[dict]:
     """Protect `n` of the rendered `entries` (dicts of world.generate, paths relative to `folder`), taken
     round-robin across classes so every class keeps protected and unprotected entries; within a class the
-    objectives cycle pattern, erasure, target (shifted per class, so every class meets each). A target entry's substitute is another identity of its class, rendered
-    into `folder` (its reference views are the target images)."""
+    objectives cycle pattern, erasure, target (shifted per class, so every class meets each). A target
+    entry's substitute is another identity of its class, rendered into `folder` (its reference views are
+    the target images)."""
     by_class: dict[str, list[dict]] = {}
     for e in entries:
         by_class.setdefault(e["class"], []).append(e)

@@ -26,7 +26,7 @@ from tools.diagnostics import diagnose
 from tools.score import evaluators, score
 from train.catalog import Entry, load_catalog, load_images, write_catalog
 from train.pipelines import REPO, load_pipeline
-from train.sampling import sample
+from train.sampling import mosaic, sample
 
 SUITES = REPO / "configs" / "suites.yaml"
 DEFAULT_COUNTS = {"person": 4, "cat": 2, "vase": 2}
@@ -75,17 +75,8 @@ def frechet(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def save_grid(rows: list[torch.Tensor], path: Path, per_row: int = 8) -> None:
-    tiles = []
-    for images in rows:
-        for start in range(0, len(images), per_row):
-            chunk = images[start:start + per_row]
-            pad = torch.ones(per_row - len(chunk), *chunk.shape[1:])
-            tiles.append(torch.cat([chunk, pad]))
-    grid = torch.stack(tiles)  # (R, C, 3, H, W)
-    r, c, _, h, w = grid.shape
-    arr = (grid.permute(0, 3, 1, 4, 2).reshape(r * h, c * w, 3).numpy() * 255).round().astype(np.uint8)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(arr).save(path)
+    Image.fromarray(mosaic(rows, per_row)).save(path)
 
 
 def _mean(xs):
@@ -210,13 +201,14 @@ def evaluate(model: str, out: Path, catalog: Path | None = None, suite: str = "w
     description, attacks, multiples = load_suite(suite)
     pipe = load_pipeline(model)
 
+    base_pipe = load_pipeline(baseline) if baseline else None
+
     records, samples = _attack_all(pipe, entries, attacks, n_samples, seed, out, "model", multiples)
     base_records = None
     if baseline:
-        base_records, _ = _attack_all(load_pipeline(baseline), entries, attacks, n_samples, seed, out, "baseline",
-                                      multiples)
+        base_records, _ = _attack_all(base_pipe, entries, attacks, n_samples, seed, out, "baseline", multiples)
     curve = _curve(records, base_records, multiples) if multiples else None
-    diagnostics = _diagnostics(pipe, load_pipeline(baseline) if baseline else None, entries, attacks[0], seed)
+    diagnostics = _diagnostics(pipe, base_pipe, entries, attacks[0], seed)
     all_records, all_base = records, base_records
     records = [r for r in records if r["multiple"] == 1]   # the summary is taken at the suite's own length
     base_records = [r for r in base_records if r["multiple"] == 1] if base_records is not None else None
@@ -224,7 +216,7 @@ def evaluate(model: str, out: Path, catalog: Path | None = None, suite: str = "w
     class_samples, clean = _clean(pipe, entries, n_samples, seed)
     class_match = [score(class_samples[e.cls], e)["identity_match"] for e in entries]
     if baseline:
-        _, base_clean = _clean(load_pipeline(baseline), entries, n_samples, seed)
+        _, base_clean = _clean(base_pipe, entries, n_samples, seed)
         fd = frechet(clean["features"], base_clean["features"])
     else:
         real = _real_features(class_samples, n_samples)

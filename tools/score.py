@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from tools.evaluators import DETECTOR_LABELS, Evaluators
-from train.catalog import Entry, load_image, load_images
+from train.catalog import Entry, load_images
 from train.objectives import pattern_tensor
 from train.pipelines import REPO
 
@@ -64,13 +64,10 @@ def score(images: torch.Tensor, entry: Entry, ev: Evaluators | None = None) -> d
            "bsr": None}
     pattern_path = _resolve(entry, "pattern")
     pattern = None
-    if pattern_path is not None:
-        if pattern_path.is_file():
-            pattern = torch.from_numpy(load_image(pattern_path, IMAGE_SIZE)).permute(2, 0, 1).float() / 255.0
-        else:
-            pattern = load_images(pattern_path, IMAGE_SIZE)
-    elif entry.objective == "pattern":
-        pattern = pattern_tensor(None, IMAGE_SIZE)   # the objective's default marker
+    if pattern_path is not None and pattern_path.is_dir():
+        pattern = load_images(pattern_path, IMAGE_SIZE)
+    elif pattern_path is not None or entry.objective == "pattern":
+        pattern = pattern_tensor(entry, IMAGE_SIZE)   # the entry's pattern file, else the default marker
     if pattern is not None:
         sim = pattern_similarity(images, pattern)
         out["pattern_similarity"] = float(sim.mean())

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import yaml
 
+from train.attention import BACKENDS
+
 
 class ConfigError(ValueError):
     pass
@@ -67,7 +69,7 @@ class Retention:
     inner_lr: float = 1e-3      # the simulated attacker's Adam lr (white-box: the attack default)
     slots: int = 4
     horizon: int = 400           # attack steps each simulated attacker runs (the attack default)
-    # Simulated attacks on UNPROTECTED entries too, whose DreamBooth loss must keep falling (selectivity).
+    # Simulated attacks on UNPROTECTED entries too, whose subjects must still be drawn (selectivity).
     unprotected_slots: int = 0
 
 
@@ -108,8 +110,8 @@ class ProtectConfig:
             problems.append("catalog: required")
         if self.steps < 0 or self.lr <= 0:
             problems.append("steps must be >= 0 and lr > 0")
-        if self.attention not in ("auto", "xformers", "sdpa"):
-            problems.append(f"attention: {self.attention!r} is not auto, xformers or sdpa")
+        if self.attention not in BACKENDS:
+            problems.append(f"attention: {self.attention!r} is not one of {', '.join(BACKENDS)}")
         if self.retention.mode not in ("trajectory", "restart"):
             problems.append(f"retention.mode: {self.retention.mode!r} is not 'trajectory' or 'restart'")
         if self.retention.slots < 1 or self.retention.horizon < 1:

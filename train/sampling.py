@@ -1,6 +1,7 @@
 """Sampling images from a diffusers SD/SDXL pipeline with the stock pipeline call, seeded and batched."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 from diffusers import DPMSolverMultistepScheduler
 
@@ -31,3 +32,16 @@ def sample(pipe, prompt: str, n: int, seed: int, steps: int = SAMPLE_STEPS, guid
                       output_type="pt").images
         out.append(images.float().cpu())
     return torch.cat(out).clamp(0, 1)
+
+
+def mosaic(rows: list[torch.Tensor], per_row: int = 8) -> np.ndarray:
+    """Image batches ((N, 3, H, W) in [0, 1]) as one HxWx3 uint8 grid; each batch starts a new row and
+    wraps every `per_row` images (the last row of a batch padded white)."""
+    tiles = []
+    for images in rows:
+        for start in range(0, len(images), per_row):
+            chunk = images[start:start + per_row]
+            tiles.append(torch.cat([chunk, torch.ones(per_row - len(chunk), *chunk.shape[1:])]))
+    grid = torch.stack(tiles)  # (R, C, 3, H, W)
+    r, c, _, h, w = grid.shape
+    return (grid.permute(0, 3, 1, 4, 2).reshape(r * h, c * w, 3).numpy() * 255).round().astype(np.uint8)

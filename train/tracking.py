@@ -13,21 +13,10 @@ import os
 import secrets
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from train.config import ProtectConfig
-
-
-def grid_array(images: torch.Tensor, per_row: int = 8) -> np.ndarray:
-    """(N, 3, H, W) in [0, 1] -> one HxWx3 uint8 mosaic."""
-    n, _, h, w = images.shape
-    rows = (n + per_row - 1) // per_row
-    canvas = torch.ones(3, rows * h, per_row * w)
-    for i, img in enumerate(images):
-        r, c = divmod(i, per_row)
-        canvas[:, r * h:(r + 1) * h, c * w:(c + 1) * w] = img
-    return (canvas.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+from train.sampling import mosaic
 
 
 class Tracker:
@@ -57,7 +46,7 @@ class Tracker:
             return False
         import wandb
 
-        self.run.log({key: wandb.Image(grid_array(images))}, step=step)
+        self.run.log({key: wandb.Image(mosaic([images]))}, step=step)
         return True
 
     def finish(self, summary: dict) -> None:
