@@ -32,10 +32,11 @@ def test_protect_trains_resumes_and_releases_a_stock_pipeline(protect_catalog, t
 
     out = tmp_path / "run"
     first = protect(_cfg(protect_catalog, out, 2), progress=False)
-    assert not first["resumed"] and (out / "checkpoints" / "step-0000002.pt").is_file()
+    assert not first["resumed"] and (out / "checkpoints" / "step-0000002" / "engine.pt").is_file()
     second = protect(_cfg(protect_catalog, out, 4), progress=False)
     assert second["resumed"] and second["steps"] == 4
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000002.pt", "step-0000004.pt"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000002", "step-0000004"]
+    assert [json.loads(line)["step"] for line in (out / "history.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
 
     released = StableDiffusionPipeline.from_pretrained(out / "protected")
     original = StableDiffusionPipeline.from_pretrained(EMBEDDED["tiny-sd"])
@@ -64,7 +65,7 @@ def test_resume_refuses_another_catalog(protect_catalog, tmp_path):
     rows = [e.to_json() for e in load_catalog(protect_catalog)]
     rows[1].update(protected=True, objective="erasure")
     write_catalog(rows, other)
-    with pytest.raises(ValueError, match="another config or catalog"):
+    with pytest.raises(ValueError, match="another config, catalog"):
         Protector(_cfg(other, out, 1), progress=False).resume()
 
 
@@ -90,13 +91,18 @@ def test_tracker_keeps_protected_grids_local_unless_allowed(tmp_path, monkeypatc
     assert Tracker(load_config(None, ["catalog=x.jsonl", "logging.wandb_mode=disabled"]), tmp_path / "c", {}).run is None
 
 
-def test_a_resumed_run_continues_the_retention_stream_where_it_stopped(protect_catalog, tmp_path):
-    cfg = _cfg(protect_catalog, tmp_path / "run", 4)
+def test_a_resumed_run_continues_exactly_where_it_stopped(protect_catalog, tmp_path):
+    """Same retention stream position, same weights, same next step as the run that never stopped."""
+    cfg = _cfg(protect_catalog, tmp_path / "run", 4, "retention.mode=restart", "retention.inner_steps=1")
     first = Protector(cfg, progress=False)
-    first.prior(), first.prior()
+    first.train_step(), first.train_step()
     first.save_checkpoint()
-    expected = next(first.retention_iter)[1]
     resumed = Protector(cfg, progress=False)
-    assert resumed.resume() and resumed.retention_seen == 2
-    assert next(resumed.retention_iter)[1] == expected
-    assert next(Protector(_cfg(protect_catalog, tmp_path / "fresh", 4), progress=False).retention_iter)[1] != expected
+    assert resumed.resume() and resumed.step == 2
+    assert first.train_step() == pytest.approx(resumed.train_step(), rel=1e-6)
+    for a, b in zip(first.engine.full_params().values(), resumed.engine.full_params().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    expected = next(first.retention_iters[0])[1]
+    assert next(resumed.retention_iters[0])[1] == expected
+    assert next(Protector(cfg.__class__(**{**cfg.__dict__, "out": str(tmp_path / "fresh")}),
+                          progress=False).retention_iters[0])[1] != expected

@@ -130,7 +130,9 @@ def cmd_protect(a):
     from train.config import load_config
     from train.protect import protect
 
-    _dump(protect(load_config(a.config, a.overrides)))
+    result = protect(load_config(a.config, a.overrides))
+    if result:   # rank 0 of a distributed job
+        _dump(result)
 
 
 def cmd_ablate(a):

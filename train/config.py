@@ -55,6 +55,7 @@ class Prior:
     retention_batch: int = 8
     class_prompts: bool = True          # the protected classes' plain prompts stay the teacher's
     unprotected: bool = True            # unprotected entries' trigger prompts stay the teacher's
+    workers: int = 0                    # DataLoader workers decoding retention shards (0: in the trainer)
 
 
 @dataclass
@@ -89,6 +90,11 @@ class ProtectConfig:
     model: str = "tiny-sd"
     catalog: str = ""
     attention: str = "auto"             # auto | xformers | sdpa (train/attention.py)
+    # DeepSpeed JSON config (configs/zero{1,2,3}.json); "" trains in one process. Launch with torchrun,
+    # `deepspeed` or `persguard launch`; a step is world_size x grad_accum micro-batches (train/engine.py).
+    deepspeed: str = ""
+    grad_accum: int = 1                 # micro-batches per rank per optimizer step
+    gradient_checkpointing: bool = False
     out: str = "runs/protect"
     seed: int = 0
     steps: int = 400
@@ -118,6 +124,11 @@ class ProtectConfig:
             problems.append("retention.slots and retention.horizon must be >= 1")
         if self.retention.order not in ("first", "second"):
             problems.append(f"retention.order: {self.retention.order!r} is not 'first' or 'second'")
+        if self.deepspeed and self.retention.mode == "restart" and self.retention.order == "second":
+            problems.append("retention.order: 'second' needs the whole model in one autograd graph; "
+                            "not available under deepspeed (use 'first' or mode 'trajectory')")
+        if self.grad_accum < 1 or self.prior.workers < 0:
+            problems.append("grad_accum must be >= 1 and prior.workers >= 0")
         if not 0 <= self.behaviour.min_timestep < self.behaviour.max_timestep <= 1000:
             problems.append("behaviour: need 0 <= min_timestep < max_timestep <= 1000")
         for t in self.trigger.templates:

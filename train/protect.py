@@ -4,18 +4,24 @@ The recipe top to bottom: load the pipeline and a frozen teacher copy of its UNe
 every entry's images and its objective's target once; then each step
   L = w_bb * L_bb(protected triggers) + w_pp * L_pp(retention captions, class prompts, unprotected
       triggers) + w_br * L_br(simulated attacker on one protected entry)
-and an AdamW step on the UNet. Checkpoints are atomic and the run resumes from the last one; the
-released folder holds the pipeline only, with a manifest next to it.
+and an optimizer step on the UNet (train/engine.py: plain AdamW, or DeepSpeed ZeRO 1/2/3 over ranks).
+
+Data parallelism without a special case: a step is `world * grad_accum` micro-batches, and micro-batch
+`m` of step `s` draws everything (entries, timesteps, noise, its retention stream) from a generator
+seeded by (seed, s, m) alone. So 2 ranks x 1 micro-batch and 1 process x 2 micro-batches train on the
+same global batch, and a resumed run continues exactly. Checkpoints are atomic folders and the run
+resumes from the last one; the released folder holds the pipeline only, with a manifest next to it.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
+import math
 import random
 import shutil
 import time
-from itertools import cycle
 from pathlib import Path
 
 import torch
@@ -27,7 +33,8 @@ from train.attention import set_attention
 from train.catalog import Entry, load_catalog, load_images
 from train.conditioning import encode_images, encode_prompts, unet_kwargs
 from train.config import ProtectConfig
-from train.data import image_caption_dataset
+from train.data import retention_batches
+from train.engine import make_engine
 from train.pipelines import REPO, load_pipeline
 from train.sampling import sample
 from train.tracking import Tracker
@@ -58,7 +65,7 @@ def file_hash(path: Path) -> str:
 
 class Protector:
     def __init__(self, cfg: ProtectConfig, progress: bool = True):
-        self.cfg, self.progress = cfg, progress
+        self.cfg = cfg
         self.out = Path(cfg.out)
         self.entries = load_catalog(Path(cfg.catalog))
         self.protected = [e for e in self.entries if e.protected]
@@ -66,29 +73,55 @@ class Protector:
         if not self.protected:
             raise ValueError(f"{cfg.catalog}: no protected entries; nothing to implant")
         torch.manual_seed(cfg.seed)
-        self.rng = random.Random(cfg.seed)
-        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.gen = torch.Generator()
+        self.step = 0
         self.pipe = load_pipeline(cfg.model)
         self.attention = set_attention(self.pipe.unet, cfg.attention)
+        # frozen copies (the teacher; under DeepSpeed also the scratch) are made BEFORE the engine exists
         self.teacher = copy.deepcopy(self.pipe.unet).requires_grad_(False).eval()
-        self.unet = self.pipe.unet.requires_grad_(True).train()
+        unet = self.pipe.unet.requires_grad_(True).train()
+        if cfg.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        self.engine = make_engine(unet, cfg)
+        self.rank, self.world = self.engine.rank, self.engine.world
+        self.progress = progress and self.rank == 0
+        self.streams = self.world * cfg.grad_accum
         self.sched = DDPMScheduler.from_config(self.pipe.scheduler.config)
         self.prompts = PromptCache(self.pipe)
         self._cache_latents()
-        self.retention_iter = self._retention_batches() if cfg.weights.prior > 0 and cfg.prior.shards else None
-        self.retention_seen = 0
-        self.params = dict((n, p) for n, p in self.unet.named_parameters() if p.requires_grad)
         self.by_id = {e.id: e for e in self.entries}
+        self.retention_iters = [self._retention_batches(m) for m in self.local_streams()]
         r = cfg.retention
-        self.trajectories = self.selectivity = None
+        self.trajectories, self.selectivity = [], []
         if r.enabled and r.mode == "trajectory" and cfg.weights.retention > 0:
-            self.trajectories = retention.Trajectories(self.params, r.slots, r.horizon, r.inner_lr,
-                                                       pick=lambda: self.rng.choice(self.protected).id)
-            if r.unprotected_slots and self.unprotected:
-                self.selectivity = retention.Trajectories(self.params, r.unprotected_slots, r.horizon, r.inner_lr,
-                                                          pick=lambda: self.rng.choice(self.unprotected).id)
-        self.opt = torch.optim.AdamW(self.params.values(), lr=cfg.lr, weight_decay=0.0)
-        self.step = 0
+            shapes = dict(self.engine.scratch.named_parameters())
+            shapes = {n: shapes[n] for n in self.engine.params}
+            for m in self.local_streams():  # one set of simulated attackers per micro-batch stream
+                self._seed(m, step=-1)
+                self.trajectories.append(retention.Trajectories(shapes, r.slots, r.horizon, r.inner_lr,
+                                                                pick=lambda: self.rng.choice(self.protected).id))
+                if r.unprotected_slots and self.unprotected:
+                    self.selectivity.append(retention.Trajectories(
+                        shapes, r.unprotected_slots, r.horizon, r.inner_lr,
+                        pick=lambda: self.rng.choice(self.unprotected).id))
+
+    @property
+    def simulates_attacks(self) -> bool:
+        r = self.cfg.retention
+        return bool(self.trajectories) or (r.enabled and self.cfg.weights.retention > 0 and r.order == "first")
+
+    def local_streams(self) -> range:
+        """The micro-batch streams this rank trains (global ids rank * grad_accum + k)."""
+        return range(self.rank * self.cfg.grad_accum, (self.rank + 1) * self.cfg.grad_accum)
+
+    def _seed(self, stream: int, step: int | None = None) -> None:
+        """Every random draw of micro-batch `stream` at `step` comes from (seed, step, stream) alone."""
+        key = (self.cfg.seed * 1_000_003 + (self.step if step is None else step) + 1) * 4099 + stream
+        self.rng = random.Random(key)
+        self.gen.manual_seed(key)
+
+    def student(self, x, t, **cond):
+        return self.engine.forward(x, t, **cond).sample
 
     # ------------------------------------------------------------------------------------ data
     def _cache_latents(self):
@@ -100,22 +133,18 @@ class Protector:
                 self.targets[e.id] = (encode_images(self.pipe, obj.images)[0] if obj.images is not None else None,
                                       obj.prompt)
 
-    def _retention_batches(self, skip: int = 0):
-        """Retention (image, caption) batches streamed from the shards, endlessly; `skip` batches already
-        consumed by the run being resumed are read past (decoded, not encoded), so a resumed run sees the
-        stream where the killed one left it."""
+    def _retention_batches(self, stream: int, skip: int = 0):
+        """Retention (image, caption) batches of one micro-batch stream, endlessly (train/data.py splits
+        the shards over the `streams` of all ranks); `skip` batches already consumed by the run being
+        resumed (one per step) are read past, so a resumed run sees its stream where the killed one left it."""
+        if not (self.cfg.weights.prior > 0 and self.cfg.prior.shards):
+            return None
         shards = self.cfg.prior.shards
         path = Path(shards)
         if not path.is_absolute() and not path.exists():
             path = REPO / shards  # the embedded shards, from any working folder
-        ds = image_caption_dataset(path, shuffle=256, seed=self.cfg.seed)
-        batch, index = [], 0
-        for image, caption, _ in cycle(ds):
-            batch.append((image, caption))
-            if len(batch) == self.cfg.prior.retention_batch:
-                if index >= skip:
-                    yield torch.stack([b[0] for b in batch]), [b[1] for b in batch]
-                batch, index = [], index + 1
+        return retention_batches(path, self.cfg.prior.retention_batch, stream, self.streams, seed=self.cfg.seed,
+                                 workers=self.cfg.prior.workers, skip=skip)
 
     def _sample_latents(self, entry_id: str, n: int) -> torch.Tensor:
         mu, sd = self.latents[entry_id]
@@ -178,88 +207,109 @@ class Protector:
         return losses.x0_loss(unet_fn, self.sched, self.prompts([prompt] * n), self._sample_latents(e.id, n),
                               self._timesteps(n, b.min_timestep, b.max_timestep), self.gen)
 
-    def prior(self) -> torch.Tensor:
-        student = lambda x, t, **c: self.unet(x, t, **c).sample  # noqa: E731
+    def prior(self, stream: int) -> torch.Tensor:
         teacher = lambda x, t, **c: self.teacher(x, t, **c).sample  # noqa: E731
         parts = []
-        if self.retention_iter is not None:
-            images, captions = next(self.retention_iter)
-            self.retention_seen += 1
+        batches = self.retention_iters[stream - self.local_streams().start]
+        if batches is not None:
+            images, captions = next(batches)
             z = encode_images(self.pipe, images)[0]
-            parts.append(losses.prior_loss(student, teacher, self.sched, self.prompts(captions), z,
+            parts.append(losses.prior_loss(self.student, teacher, self.sched, self.prompts(captions), z,
                                            self._timesteps(len(z)), self.gen))
         if self.cfg.prior.class_prompts:
             e = self.rng.choice(self.protected)
             n = self.cfg.batch_protected
-            parts.append(losses.prior_loss(student, teacher, self.sched, self.prompts([f"a photo of a {e.cls}"] * n),
+            parts.append(losses.prior_loss(self.student, teacher, self.sched, self.prompts([f"a photo of a {e.cls}"] * n),
                                            self._sample_latents(e.id, n), self._timesteps(n), self.gen))
         if self.cfg.prior.unprotected and self.unprotected:
             e = self.rng.choice(self.unprotected)
             n = self.cfg.batch_unprotected
-            parts.append(losses.prior_loss(student, teacher, self.sched, self.prompts([self.trigger(e)[0]] * n),
+            parts.append(losses.prior_loss(self.student, teacher, self.sched, self.prompts([self.trigger(e)[0]] * n),
                                            self._sample_latents(e.id, n), self._timesteps(n), self.gen))
         return sum(parts) / len(parts)
 
     # ------------------------------------------------------------------------------------ step
     def train_step(self) -> dict:
-        cfg = self.cfg
-        w = cfg.weights
-        student = lambda x, t, **c: self.unet(x, t, **c).sample  # noqa: E731
+        """One optimizer step: this rank's `grad_accum` micro-batches, then the engine's step. Returns the
+        loss terms averaged over every micro-batch of every rank (a collective under DeepSpeed)."""
+        logs: dict[str, float] = {}
+        theta = None
+        for k, stream in enumerate(self.local_streams()):
+            self._seed(stream)
+            if theta is None and self.simulates_attacks:
+                theta = self.engine.full_params()   # simulated attackers start from the current weights
+            micro, norm = self.micro_step(stream, k, theta)
+            for key, v in micro.items():
+                logs[key] = logs.get(key, 0.0) + v / self.cfg.grad_accum
+        logs = {key: self.engine.all_mean(v) for key, v in sorted(logs.items())}
+        if not math.isfinite(norm):
+            raise FloatingPointError(f"non-finite gradient at step {self.step} (rank {self.rank}); the step was "
+                                     f"skipped, resume from the last checkpoint")
+        self.step += 1
+        logs["grad_norm"] = norm
+        return logs
+
+    def micro_step(self, stream: int, k: int, theta: dict | None) -> tuple[dict, float | None]:
+        cfg, w = self.cfg, self.cfg.weights
         batch = [self.rng.choice(self.protected) for _ in range(max(1, min(len(self.protected), 2)))]
-        l_bb = self.behaviour(student, batch)
-        l_pp = self.prior() if w.prior > 0 else torch.zeros(())
+        l_bb = self.behaviour(self.student, batch)
+        l_pp = self.prior(stream) if w.prior > 0 else torch.zeros(())
         loss = w.behaviour * l_bb + w.prior * l_pp
         logs = {"loss/behaviour": l_bb.item(), "loss/prior": l_pp.item()}
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss at step {self.step} (entries {[e.id for e in batch]})")
-        if self.trajectories is not None:
-            loss.backward()
-            l_br, grads = self.trajectories.step(self.unet, self.params, self.attacker,
-                                                 lambda f, e: self.behaviour(f, [self.by_id[e]]))
-            self._add_grads(grads, w.retention)
+        extra, weight = [], []
+        scratch = self.engine.scratch
+        if self.trajectories:
+            l_br, grads = self.trajectories[k].step(scratch, theta, self.attacker,
+                                                    lambda f, e: self.behaviour(f, [self.by_id[e]]))
+            extra.append((grads, w.retention))
             logs["loss/retention"] = l_br
-            if self.selectivity is not None:
-                l_sel, grads = self.selectivity.step(self.unet, self.params, self.attacker, self.drawn)
-                self._add_grads(grads, w.selectivity)
+            if self.selectivity:
+                l_sel, grads = self.selectivity[k].step(scratch, theta, self.attacker, self.drawn)
+                extra.append((grads, w.selectivity))
                 logs["loss/selectivity"] = l_sel
         elif cfg.retention.enabled and w.retention > 0:
             e = self.rng.choice(self.protected)
             attacker = lambda f: self.attacker(f, e)  # noqa: E731
             backdoor = lambda f: self.behaviour(f, [e])  # noqa: E731
             if cfg.retention.order == "first":
-                l_br, grads = retention.first_order(self.unet, self.params, attacker, backdoor,
+                l_br, grads = retention.first_order(scratch, theta, attacker, backdoor,
                                                     cfg.retention.inner_steps, cfg.retention.inner_lr)
-                loss.backward()
-                self._add_grads(grads, w.retention)
-            else:
-                l_br_t = retention.second_order(self.unet, self.params, attacker, backdoor,
+                extra.append((grads, w.retention))
+            else:   # local engine only (config validation): differentiate through the inner steps
+                l_br_t = retention.second_order(scratch, dict(self.engine.params), attacker, backdoor,
                                                 cfg.retention.inner_steps, cfg.retention.inner_lr)
-                with retention.math_attention():
-                    (loss + w.retention * l_br_t).backward()
+                loss = loss + w.retention * l_br_t
                 l_br = l_br_t.item()
             logs["loss/retention"] = l_br
-        else:
-            loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(self.params.values(), 1.0)
-        if not torch.isfinite(norm):
-            self.opt.zero_grad(set_to_none=True)
-            raise FloatingPointError(f"non-finite gradient at step {self.step} (entries {[e.id for e in batch]})")
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        self.step += 1
-        logs["grad_norm"] = float(norm)
-        return logs
+        if len(extra) > 1:   # one weighted sum handed to the engine
+            merged = {n: sum(wt * g[n] for g, wt in extra if n in g) for n in set().union(*(g for g, _ in extra))}
+            extra = [(merged, 1.0)]
+        grads, wt = extra[0] if extra else (None, 1.0)
+        second_order = "loss/retention" in logs and not self.trajectories and cfg.retention.order == "second"
+        with retention.math_attention() if second_order else contextlib.nullcontext():
+            norm = self.engine.accumulate(loss, grads, wt)
+        return logs, norm
+
+    def released_unet(self) -> torch.nn.Module:
+        """The plain UNet holding the full current weights (a collective under DeepSpeed: every rank calls)."""
+        return self.engine.materialize(self.engine.scratch)
 
     @torch.no_grad()
     def probe(self, n: int) -> tuple[dict, dict[str, tuple[torch.Tensor, bool]]]:
         """Backdoor probes before any attack: BSR per objective on the first trigger, plus grids
-        {key: (images, shows_protected_subject)} of triggers and of clean class prompts."""
+        {key: (images, shows_protected_subject)} of triggers and of clean class prompts. Every rank
+        calls it (gathering the weights is a collective); rank 0 samples, the others get nothing."""
         from diffusers import DPMSolverMultistepScheduler
 
         from tools.score import score
 
-        self.unet.eval()
-        pipe = type(self.pipe).from_pipe(self.pipe, scheduler=DPMSolverMultistepScheduler.from_config(
+        unet = self.released_unet()
+        if self.rank != 0:
+            return {}, {}
+        unet.eval()
+        pipe = type(self.pipe).from_pipe(self.pipe, unet=unet, scheduler=DPMSolverMultistepScheduler.from_config(
             self.pipe.scheduler.config))
         t = self.cfg.trigger
         bsr, grids = {}, {}
@@ -271,71 +321,77 @@ class Protector:
             grids.setdefault(f"samples/trigger/{e.objective}", (images, True))
         for cls in sorted({e.cls for e in self.entries}):
             grids[f"samples/clean/{cls}"] = (sample(pipe, f"a photo of a {cls}", n, seed=0), False)
-        self.unet.train()
+        unet.train()
         return {f"probe/bsr/{o}": sum(v) / len(v) for o, v in bsr.items()}, grids
-
-    def _add_grads(self, grads: dict[str, torch.Tensor], weight: float) -> None:
-        for n, g in grads.items():
-            p = self.params[n]
-            if p.grad is None:
-                p.grad = weight * g
-            else:
-                p.grad.add_(g, alpha=weight)
 
     # ------------------------------------------------------------------------------- lifecycle
     def fingerprint(self) -> dict:
         cfg = self.cfg.to_dict()
         cfg.pop("out"), cfg.pop("steps")
         return {"config": hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16],
-                "catalog": file_hash(Path(self.cfg.catalog))}
+                "catalog": file_hash(Path(self.cfg.catalog)), "world_size": self.world}
 
     def save_checkpoint(self) -> Path:
+        """checkpoints/step-N/: the engine's state plus each rank's own (its simulated attackers), written
+        into step-N.tmp/ and renamed by rank 0 once every rank is done: a killed job leaves only a .tmp."""
         ckdir = self.out / "checkpoints"
-        ckdir.mkdir(parents=True, exist_ok=True)
-        path = ckdir / f"step-{self.step:07d}.pt"
-        tmp = path.with_suffix(".tmp")
-        torch.save({"step": self.step, "unet": self.unet.state_dict(), "opt": self.opt.state_dict(),
-                    "rng": (self.rng.getstate(), self.gen.get_state(), torch.get_rng_state()),
-                    "retention_seen": self.retention_seen,
-                    "trajectories": [t.state_dict() if t else None for t in (self.trajectories, self.selectivity)],
-                    "fingerprint": self.fingerprint()}, tmp)
-        tmp.replace(path)
-        for old in sorted(ckdir.glob("step-*.pt"))[:-self.cfg.keep_checkpoints]:
-            old.unlink()
-        return path
+        final, tmp = ckdir / f"step-{self.step:07d}", ckdir / f"step-{self.step:07d}.tmp"
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        self.engine.barrier()
+        self.engine.save(tmp)
+        torch.save({"step": self.step, "fingerprint": self.fingerprint(),
+                    "trajectories": [t.state_dict() for t in self.trajectories],
+                    "selectivity": [t.state_dict() for t in self.selectivity]}, tmp / f"trainer-rank{self.rank}.pt")
+        self.engine.barrier()
+        if self.rank == 0:
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+            for old in sorted(ckdir.glob("step-???????"))[:-self.cfg.keep_checkpoints]:
+                shutil.rmtree(old)
+        self.engine.barrier()
+        return final
 
     def resume(self) -> bool:
-        cks = sorted((self.out / "checkpoints").glob("step-*.pt"))
+        ckdir = self.out / "checkpoints"
+        cks = sorted(ckdir.glob("step-???????"))
+        if self.rank == 0:
+            for partial in ckdir.glob("step-*.tmp"):   # left by a job killed while saving
+                shutil.rmtree(partial, ignore_errors=True)
         if not cks:
             return False
-        state = torch.load(cks[-1], weights_only=False)
+        own = cks[-1] / f"trainer-rank{self.rank}.pt"
+        if not own.is_file():
+            raise ValueError(f"{cks[-1]}: no state for rank {self.rank} (was the checkpoint made with another "
+                             f"world size?); use a new --out or the same launch")
+        state = torch.load(own, weights_only=False)
         if state["fingerprint"] != self.fingerprint():
-            raise ValueError(f"{cks[-1]}: checkpoint was made with another config or catalog "
+            raise ValueError(f"{cks[-1]}: checkpoint was made with another config, catalog or world size "
                              f"({state['fingerprint']} vs {self.fingerprint()}); use a new --out or the same inputs")
-        self.unet.load_state_dict(state["unet"])
-        self.opt.load_state_dict(state["opt"])
-        self.rng.setstate(state["rng"][0])
-        self.gen.set_state(state["rng"][1])
-        torch.set_rng_state(state["rng"][2])
-        for t, saved in zip((self.trajectories, self.selectivity), state.get("trajectories", (None, None))):
-            if t is not None and saved is not None:
-                t.load_state_dict(saved)
-        self.retention_seen = state.get("retention_seen", 0)
-        if self.retention_iter is not None:
-            self.retention_iter = self._retention_batches(skip=self.retention_seen)
+        self.engine.load(cks[-1])
+        for mine, saved in ((self.trajectories, state["trajectories"]), (self.selectivity, state["selectivity"])):
+            for t, slots in zip(mine, saved):
+                t.load_state_dict(slots)
         self.step = state["step"]
+        self.retention_iters = [self._retention_batches(m, skip=self.step) for m in self.local_streams()]
         return True
 
-    def export(self, metrics: dict) -> Path:
+    def export(self, metrics: dict) -> Path | None:
+        """Rank 0 writes the released diffusers folder from the gathered fp32 weights, audits it, and only
+        then moves it into place; returns None on the other ranks."""
+        from tools.audit import audit
         from tools.tiny_models import save_pipeline
 
-        self.unet.eval().requires_grad_(False)
+        unet = self.released_unet()
+        if self.rank != 0:
+            self.engine.barrier()
+            return None
+        unet.eval().requires_grad_(False)
         final = self.out / "protected"
         tmp = self.out / "protected.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        save_pipeline(self.pipe, tmp)
-        from tools.audit import audit
-
+        save_pipeline(type(self.pipe).from_pipe(self.pipe, unet=unet), tmp)
         leaks = audit(tmp, Path(self.cfg.catalog))
         if leaks:   # never publish a folder that carries catalog data; the checkpoints stay for a fix-up
             raise RuntimeError(f"{tmp}: release audit failed: " + "; ".join(leaks))
@@ -343,17 +399,33 @@ class Protector:
         tmp.rename(final)
         manifest = {"catalog_sha256_16": self.fingerprint()["catalog"], "config": self.cfg.to_dict(),
                     "entries": {"protected": len(self.protected), "unprotected": len(self.unprotected)},
-                    "audit": "passed", "metrics": metrics}
+                    "world_size": self.world, "audit": "passed", "metrics": metrics}
         (self.out / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        self.engine.barrier()
         return final
 
 
+def _memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # Linux: KiB
+
+
 def protect(cfg: ProtectConfig, progress: bool = True) -> dict:
+    """Runs (or resumes) a protect job on this rank; every rank of a DeepSpeed job calls it. Rank 0
+    returns the summary and writes OUT/history.jsonl (one line per step), the others return {}."""
     t0 = time.time()
     p = Protector(cfg, progress)
     resumed = p.resume()
-    tracker = Tracker(cfg, p.out, p.fingerprint())
+    tracker = Tracker(cfg, p.out, p.fingerprint(), enabled=p.rank == 0)
     log = cfg.logging
+    history_file = p.out / "history.jsonl"
+    if p.rank == 0:   # a resumed run rewrites the steps after its checkpoint
+        kept = [line for line in (history_file.read_text().splitlines() if history_file.is_file() else [])
+                if json.loads(line)["step"] <= p.step]
+        history_file.write_text("".join(line + "\n" for line in kept))
 
     def run_probe():
         metrics, grids = p.probe(log.probe_samples)
@@ -363,14 +435,24 @@ def protect(cfg: ProtectConfig, progress: bool = True) -> dict:
         return metrics
 
     history, window = [], []
-    bar = tqdm(range(p.step, cfg.steps), desc="protect", disable=not progress, initial=p.step, total=cfg.steps)
+    samples_per_step = p.streams * cfg.batch_protected * 2
+    bar = tqdm(range(p.step, cfg.steps), desc="protect", disable=not p.progress, initial=p.step, total=cfg.steps)
+    tick = time.time()
     for _ in bar:
         logs = p.train_step()
+        now = time.time()
+        logs["perf/seconds_per_step"], tick = now - tick, now
         history.append(logs)
         window.append(logs)
+        if p.rank == 0:
+            with history_file.open("a") as f:
+                f.write(json.dumps({"step": p.step, **logs}) + "\n")
         bar.set_postfix({k.split("/")[-1]: f"{v:.3f}" for k, v in logs.items() if k.startswith("loss")})
         if log.every and p.step % log.every == 0:
-            tracker.log({k: sum(h[k] for h in window) / len(window) for k in window[-1]}, p.step)
+            mean = {k: sum(h[k] for h in window) / len(window) for k in window[-1]}
+            mean["perf/samples_per_second"] = samples_per_step / mean["perf/seconds_per_step"]
+            mean["perf/max_memory_mb"] = _memory_mb()
+            tracker.log(mean, p.step)
             window = []
         if log.probe_every > 0 and p.step % log.probe_every == 0 and p.step < cfg.steps:
             run_probe()
@@ -378,8 +460,10 @@ def protect(cfg: ProtectConfig, progress: bool = True) -> dict:
             p.save_checkpoint()
     last = {k: sum(h[k] for h in history[-20:]) / len(history[-20:]) for k in history[-1]} if history else {}
     probe = run_probe() if log.probe_every >= 0 else {}
-    metrics = {"steps": p.step, "resumed": resumed, "seconds": time.time() - t0, "final_losses": last,
-               "probe": probe}
+    metrics = {"steps": p.step, "resumed": resumed, "world_size": p.world, "seconds": time.time() - t0,
+               "final_losses": last, "probe": probe}
     folder = p.export(metrics)
     tracker.finish({"seconds": metrics["seconds"], **probe})
+    if p.rank != 0:
+        return {}
     return {"protected": str(folder), **metrics}

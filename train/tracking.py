@@ -19,12 +19,24 @@ from train.config import ProtectConfig
 from train.sampling import mosaic
 
 
+def git_commit() -> str | None:
+    """The project's commit (None outside a git checkout), so a run names the code that made it."""
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                              text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 class Tracker:
-    def __init__(self, cfg: ProtectConfig, out: Path, fingerprint: dict):
+    def __init__(self, cfg: ProtectConfig, out: Path, fingerprint: dict, enabled: bool = True):
+        """`enabled=False` on every rank but 0: one run per job."""
         self.cfg = cfg.logging
         mode = os.environ.get("WANDB_MODE") or self.cfg.wandb_mode
         self.run = None
-        if mode == "disabled":
+        if mode == "disabled" or not enabled:
             return
         import wandb
 
@@ -33,7 +45,7 @@ class Tracker:
         run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
         id_file.write_text(run_id)
         self.run = wandb.init(project=self.cfg.project, mode=mode, dir=str(out), id=run_id, resume="allow",
-                              config={**cfg.to_dict(), "fingerprint": fingerprint},
+                              config={**cfg.to_dict(), "fingerprint": fingerprint, "git_commit": git_commit()},
                               settings=wandb.Settings(silent=True, console="off"))
 
     def log(self, metrics: dict, step: int) -> None:
