@@ -135,6 +135,17 @@ def cmd_protect(a):
         _dump(result)
 
 
+def cmd_launch(a):
+    from slurm.launch import launch
+
+    jobs = launch(a.config, a.overrides, wait=a.wait)
+    for job in jobs:
+        print(f"job {job.job_id} ({type(job).__name__}): logs in {job.paths.folder}")
+    if a.wait:
+        result = jobs[-1].results()[0]
+        _dump(result)
+
+
 def cmd_ablate(a):
     from tools.ablation import ablate
 
@@ -253,6 +264,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", default=None, help="YAML run config (train/config.py documents every field)")
     s.add_argument("overrides", nargs="*", help="key=value overrides, e.g. steps=200 retention.inner_steps=5")
     s.set_defaults(func=cmd_protect)
+
+    s = sub.add_parser("launch", help="run `protect` through submitit: Slurm (one task per GPU) or this machine")
+    s.add_argument("--config", default=None, help="YAML run config; its `cluster` section sizes the job")
+    s.add_argument("--wait", action="store_true", help="wait for the (last) job and print its summary")
+    s.add_argument("overrides", nargs="*", help="key=value overrides, e.g. cluster.executor=local cluster.tasks_per_node=2")
+    s.set_defaults(func=cmd_launch)
 
     s = sub.add_parser("ablate", help="protect + evaluate each variant of configs/ablations.yaml; one table")
     s.add_argument("--config", required=True, help="the run config every variant starts from")

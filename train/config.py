@@ -86,6 +86,25 @@ class Logging:
 
 
 @dataclass
+class Cluster:
+    """Where `persguard launch` runs the job (slurm/launch.py, submitit's AutoExecutor)."""
+    executor: str = "auto"          # auto (slurm where sbatch exists, else local) | slurm | local
+    folder: str = ""                # submitit's logs and pickles; default OUT/submitit
+    partition: str = ""
+    account: str = ""
+    constraint: str = ""
+    nodes: int = 1
+    gpus_per_node: int = 0
+    tasks_per_node: int = 0         # 0: one task per GPU (gpus_per_node), or 1 without GPUs
+    cpus_per_task: int = 2
+    mem_gb: int = 0                 # 0: the partition's default
+    time_min: int = 240             # each job's wall-clock limit; longer runs are requeued and resume
+    signal_delay_s: int = 120       # the timeout signal comes this long before the limit: checkpoint time
+    max_requeues: int = 3           # timeouts / preemptions requeued before the job is given up
+    parts: int = 1                  # a run longer than one job: `parts` chained jobs, each continuing the last
+
+
+@dataclass
 class ProtectConfig:
     model: str = "tiny-sd"
     catalog: str = ""
@@ -109,6 +128,7 @@ class ProtectConfig:
     prior: Prior = field(default_factory=Prior)
     retention: Retention = field(default_factory=Retention)
     logging: Logging = field(default_factory=Logging)
+    cluster: Cluster = field(default_factory=Cluster)
 
     def validate(self, source: str = "config") -> "ProtectConfig":
         problems = []
@@ -127,6 +147,10 @@ class ProtectConfig:
         if self.deepspeed and self.retention.mode == "restart" and self.retention.order == "second":
             problems.append("retention.order: 'second' needs the whole model in one autograd graph; "
                             "not available under deepspeed (use 'first' or mode 'trajectory')")
+        if self.cluster.executor not in ("auto", "slurm", "local"):
+            problems.append(f"cluster.executor: {self.cluster.executor!r} is not auto, slurm or local")
+        if self.cluster.nodes < 1 or self.cluster.parts < 1 or self.cluster.tasks_per_node < 0:
+            problems.append("cluster: nodes and parts must be >= 1, tasks_per_node >= 0")
         if self.grad_accum < 1 or self.prior.workers < 0:
             problems.append("grad_accum must be >= 1 and prior.workers >= 0")
         if not 0 <= self.behaviour.min_timestep < self.behaviour.max_timestep <= 1000:

@@ -327,7 +327,8 @@ class Protector:
     # ------------------------------------------------------------------------------- lifecycle
     def fingerprint(self) -> dict:
         cfg = self.cfg.to_dict()
-        cfg.pop("out"), cfg.pop("steps")
+        for where in ("out", "steps", "logging", "cluster"):   # may change between a run and its resume
+            cfg.pop(where)
         return {"config": hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16],
                 "catalog": file_hash(Path(self.cfg.catalog)), "world_size": self.world}
 
@@ -458,12 +459,15 @@ def protect(cfg: ProtectConfig, progress: bool = True) -> dict:
             run_probe()
         if cfg.checkpoint_every and p.step % cfg.checkpoint_every == 0:
             p.save_checkpoint()
+    if cfg.checkpoint_every and p.step % cfg.checkpoint_every and history:
+        p.save_checkpoint()   # a continuation (the next part of a chained launch) starts exactly here
     last = {k: sum(h[k] for h in history[-20:]) / len(history[-20:]) for k in history[-1]} if history else {}
     probe = run_probe() if log.probe_every >= 0 else {}
     metrics = {"steps": p.step, "resumed": resumed, "world_size": p.world, "seconds": time.time() - t0,
                "final_losses": last, "probe": probe}
     folder = p.export(metrics)
     tracker.finish({"seconds": metrics["seconds"], **probe})
+    p.engine.barrier()   # no rank leaves before rank 0 is done (a launcher stops a job when one task ends)
     if p.rank != 0:
         return {}
     return {"protected": str(folder), **metrics}
