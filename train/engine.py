@@ -149,6 +149,13 @@ class DeepSpeedEngine:
         self.extra: dict[str, torch.Tensor] = {}
 
     def forward(self, *args, **kwargs):
+        """Floating inputs follow the engine's dtype (bf16 on GPU); latents and conditioning stay fp32
+        outside it, and the losses are taken in fp32."""
+        dtype = next(iter(self.params.values())).dtype
+        cast = lambda v: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v  # noqa: E731
+        args = [cast(a) for a in args]
+        kwargs = {k: ({kk: cast(vv) for kk, vv in v.items()} if isinstance(v, dict) else cast(v))
+                  for k, v in kwargs.items()}
         return self.engine(*args, **kwargs)
 
     def _gathered(self, params):
@@ -157,8 +164,9 @@ class DeepSpeedEngine:
         return deepspeed.zero.GatheredParameters(list(params), modifier_rank=None, enabled=self.stage == 3)
 
     def full_params(self) -> dict[str, torch.Tensor]:
+        """fp32 copies (under bf16, of the bf16 weights: the attacker fine-tunes the released precision)."""
         with self._gathered(self.params.values()):
-            return {n: p.detach().clone() for n, p in self.params.items()}
+            return {n: p.detach().float().clone() for n, p in self.params.items()}
 
     def accumulate(self, loss: torch.Tensor, extra: dict | None = None, weight: float = 1.0) -> float | None:
         from deepspeed.utils import safe_update_full_grad_vectorized

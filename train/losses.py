@@ -19,7 +19,8 @@ import torch
 
 
 def noised(scheduler, z0: torch.Tensor, t: torch.Tensor, gen: torch.Generator | None = None):
-    noise = torch.randn(z0.shape, generator=gen, device=z0.device, dtype=z0.dtype)
+    # drawn on the generator's (CPU) device, then moved: the same noise on CPU and GPU
+    noise = torch.randn(z0.shape, generator=gen, dtype=z0.dtype).to(z0.device)
     return scheduler.add_noise(z0, noise, t), noise
 
 

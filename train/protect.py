@@ -63,6 +63,16 @@ def file_hash(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
+def training_device() -> torch.device:
+    """This rank's GPU (LOCAL_RANK) where CUDA is available, else the CPU. Random draws always come
+    from a CPU generator and are moved, so a run's data does not depend on the device."""
+    if torch.cuda.is_available():
+        import os
+
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
 class Protector:
     def __init__(self, cfg: ProtectConfig, progress: bool = True):
         self.cfg = cfg
@@ -75,7 +85,8 @@ class Protector:
         torch.manual_seed(cfg.seed)
         self.gen = torch.Generator()
         self.step = 0
-        self.pipe = load_pipeline(cfg.model)
+        self.device = training_device()
+        self.pipe = load_pipeline(cfg.model).to(self.device)
         self.attention = set_attention(self.pipe.unet, cfg.attention)
         # frozen copies (the teacher; under DeepSpeed also the scratch) are made BEFORE the engine exists
         self.teacher = copy.deepcopy(self.pipe.unet).requires_grad_(False).eval()
@@ -99,11 +110,11 @@ class Protector:
             for m in self.local_streams():  # one set of simulated attackers per micro-batch stream
                 self._seed(m, step=-1)
                 self.trajectories.append(retention.Trajectories(shapes, r.slots, r.horizon, r.inner_lr,
-                                                                pick=lambda: self.rng.choice(self.protected).id))
+                                                                pick=lambda: self.rng.choice(self.pool[0]).id))
                 if r.unprotected_slots and self.unprotected:
                     self.selectivity.append(retention.Trajectories(
                         shapes, r.unprotected_slots, r.horizon, r.inner_lr,
-                        pick=lambda: self.rng.choice(self.unprotected).id))
+                        pick=lambda: self.rng.choice(self.pool[1]).id))
 
     @property
     def simulates_attacks(self) -> bool:
@@ -114,8 +125,16 @@ class Protector:
         """The micro-batch streams this rank trains (global ids rank * grad_accum + k)."""
         return range(self.rank * self.cfg.grad_accum, (self.rank + 1) * self.cfg.grad_accum)
 
+    def stream_pool(self, stream: int) -> tuple[list[Entry], list[Entry]]:
+        """The (protected, unprotected) entries micro-batch stream `stream` draws from: every `streams`-th
+        entry where there are enough, else all. Each rank caches the latents of its own streams' entries
+        only, so a large catalog is sharded over the ranks like the retention data."""
+        return tuple(group[stream::self.streams] if len(group) >= self.streams else group
+                     for group in (self.protected, self.unprotected))
+
     def _seed(self, stream: int, step: int | None = None) -> None:
         """Every random draw of micro-batch `stream` at `step` comes from (seed, step, stream) alone."""
+        self.pool = self.stream_pool(stream)
         key = (self.cfg.seed * 1_000_003 + (self.step if step is None else step) + 1) * 4099 + stream
         self.rng = random.Random(key)
         self.gen.manual_seed(key)
@@ -126,7 +145,8 @@ class Protector:
     # ------------------------------------------------------------------------------------ data
     def _cache_latents(self):
         self.latents, self.targets = {}, {}
-        for e in self.entries:
+        mine = {e.id for m in self.local_streams() for group in self.stream_pool(m) for e in group}
+        for e in (e for e in self.entries if e.id in mine):
             self.latents[e.id] = encode_images(self.pipe, load_images(e.images, 64))
             if e.protected:
                 obj = objectives.resolve(e)
@@ -149,7 +169,7 @@ class Protector:
     def _sample_latents(self, entry_id: str, n: int) -> torch.Tensor:
         mu, sd = self.latents[entry_id]
         idx = torch.randint(0, len(mu), (n,), generator=self.gen)
-        return mu[idx] + sd[idx] * torch.randn(mu[idx].shape, generator=self.gen)
+        return mu[idx] + sd[idx] * torch.randn(mu[idx].shape, generator=self.gen, dtype=mu.dtype).to(mu.device)
 
     def trigger(self, e: Entry) -> tuple[str, str, str]:
         t = self.cfg.trigger
@@ -158,7 +178,7 @@ class Protector:
         return template.format(identifier=ident, cls=noun), ident, noun
 
     def _timesteps(self, n: int, lo: int = 0, hi: int = 1000) -> torch.Tensor:
-        return torch.randint(lo, hi, (n,), generator=self.gen)
+        return torch.randint(lo, hi, (n,), generator=self.gen).to(self.device)
 
     # ---------------------------------------------------------------------------------- losses
     def behaviour(self, unet_fn, entries: list[Entry]) -> torch.Tensor:
@@ -217,12 +237,12 @@ class Protector:
             parts.append(losses.prior_loss(self.student, teacher, self.sched, self.prompts(captions), z,
                                            self._timesteps(len(z)), self.gen))
         if self.cfg.prior.class_prompts:
-            e = self.rng.choice(self.protected)
+            e = self.rng.choice(self.pool[0])
             n = self.cfg.batch_protected
             parts.append(losses.prior_loss(self.student, teacher, self.sched, self.prompts([f"a photo of a {e.cls}"] * n),
                                            self._sample_latents(e.id, n), self._timesteps(n), self.gen))
         if self.cfg.prior.unprotected and self.unprotected:
-            e = self.rng.choice(self.unprotected)
+            e = self.rng.choice(self.pool[1])
             n = self.cfg.batch_unprotected
             parts.append(losses.prior_loss(self.student, teacher, self.sched, self.prompts([self.trigger(e)[0]] * n),
                                            self._sample_latents(e.id, n), self._timesteps(n), self.gen))
@@ -251,7 +271,7 @@ class Protector:
 
     def micro_step(self, stream: int, k: int, theta: dict | None) -> tuple[dict, float | None]:
         cfg, w = self.cfg, self.cfg.weights
-        batch = [self.rng.choice(self.protected) for _ in range(max(1, min(len(self.protected), 2)))]
+        batch = [self.rng.choice(self.pool[0]) for _ in range(max(1, min(len(self.pool[0]), 2)))]
         l_bb = self.behaviour(self.student, batch)
         l_pp = self.prior(stream) if w.prior > 0 else torch.zeros(())
         loss = w.behaviour * l_bb + w.prior * l_pp
@@ -270,7 +290,7 @@ class Protector:
                 extra.append((grads, w.selectivity))
                 logs["loss/selectivity"] = l_sel
         elif cfg.retention.enabled and w.retention > 0:
-            e = self.rng.choice(self.protected)
+            e = self.rng.choice(self.pool[0])
             attacker = lambda f: self.attacker(f, e)  # noqa: E731
             backdoor = lambda f: self.behaviour(f, [e])  # noqa: E731
             if cfg.retention.order == "first":
