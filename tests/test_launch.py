@@ -92,7 +92,7 @@ def test_slurm_job_completes_and_a_timeout_requeue_resumes(slurm, job_catalog, t
     job._interrupt(timeout=True)   # what Slurm sends signal_delay_s before the time limit
     result = job.results()[0]
     assert result["resumed"] and result["steps"] == 6
-    assert "Requeued" in "".join(p.read_text() for p in job.paths.folder.glob("*_log.err"))
+    assert "Requeued job" in "".join(p.read_text() for p in job.paths.folder.glob("*_log.out"))
     _check_release(out, 6)
     state = subprocess.run(["sacct", "-j", str(job.job_id), "-n", "-X", "-o", "State"], capture_output=True,
                            text=True).stdout
