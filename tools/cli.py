@@ -49,6 +49,32 @@ def cmd_shards_build(a):
     print(f"{len(paths)} shard(s) in {a.out}")
 
 
+def cmd_catalog_build(a):
+    from tools.ingest import build_catalog, headline
+
+    summary = build_catalog(Path(a.source), Path(a.out), cls=a.cls, min_images=a.min_images, min_size=a.min_size,
+                            size=a.size, near_dup_bits=a.near_dup_bits, workers=a.workers, shard_size=a.shard_size)
+    c = summary["counts"]
+    print(headline(summary))
+    kinds = ", ".join(f"{k} {v}" for k, v in summary["problems_by_kind"].items())
+    print(f"problems by kind: {kinds or 'none'}")
+    if summary["catalog"]:
+        print(f"catalog: {summary['catalog']} ({len(summary['shards'])} shard(s) in {Path(a.out) / 'shards'})")
+    else:
+        print("no valid entry: no catalog written")
+    print(f"summary: {Path(a.out) / 'summary.md'} ({summary['seconds']} s)")
+    return 1 if c["errors"] or not summary["catalog"] else 0
+
+
+def cmd_catalog_split(a):
+    from tools.ingest import split_catalog
+    from train.catalog import list_images, load_catalog
+
+    for path in split_catalog(Path(a.catalog), a.parts, Path(a.out)):
+        entries = load_catalog(path)
+        print(f"{path}: {len(entries)} entries, {sum(len(list_images(e.images)) for e in entries)} images")
+
+
 def cmd_models(a):
     from train.pipelines import EMBEDDED
 
@@ -206,6 +232,30 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--start", type=int, default=0, help="first identity index (with --world)")
     s.add_argument("--seed", type=int, default=0, help="world seed (with --world)")
     s.set_defaults(func=cmd_shards_build)
+
+    ca = sub.add_parser("catalog", help="build a validated catalog from raw data; split one for data parallelism")
+    ca = ca.add_subparsers(dest="catalog_command", required=True)
+    s = ca.add_parser("build", help="normalize, check and deduplicate a folder tree or CSV into a catalog, "
+                      "images, shards and summary.json/.md (exit 1 when an entry has errors)")
+    s.add_argument("--from", dest="source", required=True,
+                   help="DIR (DIR/<id>/ or DIR/<class>/<id>/, optional entry.json per entry) or a CSV with "
+                        "columns id,class,image[,protected,objective,target]")
+    s.add_argument("--out", required=True, help="output folder (new, empty, or an earlier build's)")
+    s.add_argument("--class", dest="cls", default=None, help="class of entries that name none")
+    s.add_argument("--min-images", type=int, default=3, help="fewer usable images exclude an entry")
+    s.add_argument("--min-size", type=int, default=32, help="images with a shorter short side are dropped")
+    s.add_argument("--size", type=int, default=64, help="side of the normalized square images")
+    s.add_argument("--near-dup-bits", type=int, default=4,
+                   help="perceptual-hash Hamming distance counted as a near duplicate (-1: exact only)")
+    s.add_argument("--workers", type=int, default=None, help="decoding processes (default: all cores)")
+    s.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    s.set_defaults(func=cmd_catalog_build)
+    s = ca.add_parser("split", help="balanced parts of a catalog (by image count) for data-parallel sharding or "
+                      "evaluation; one protected model must still hold the whole catalog")
+    s.add_argument("--catalog", required=True)
+    s.add_argument("--parts", type=int, required=True)
+    s.add_argument("--out", required=True, help="folder for part-000.jsonl ...")
+    s.set_defaults(func=cmd_catalog_split)
 
     s = sub.add_parser("models", help="print each embedded pipeline's name and folder")
     s.set_defaults(func=cmd_models)
