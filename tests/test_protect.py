@@ -106,3 +106,17 @@ def test_a_resumed_run_continues_exactly_where_it_stopped(protect_catalog, tmp_p
     assert next(resumed.retention_iters[0])[1] == expected
     assert next(Protector(cfg.__class__(**{**cfg.__dict__, "out": str(tmp_path / "fresh")}),
                           progress=False).retention_iters[0])[1] != expected
+
+
+def test_an_unwritable_or_full_output_folder_is_refused_before_training(protect_catalog, tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    with pytest.raises(OSError, match="not writable"):
+        Protector(_cfg(protect_catalog, blocked / "run", 1), progress=False)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 10**6, 10**6))   # 1 MB free
+    with pytest.raises(OSError, match="GiB free, the run needs about"):
+        Protector(_cfg(protect_catalog, tmp_path / "run", 1), progress=False)

@@ -19,6 +19,7 @@ import copy
 import hashlib
 import json
 import math
+import os
 import random
 import shutil
 import time
@@ -67,8 +68,6 @@ def training_device() -> torch.device:
     """This rank's GPU (LOCAL_RANK) where CUDA is available, else the CPU. Random draws always come
     from a CPU generator and are moved, so a run's data does not depend on the device."""
     if torch.cuda.is_available():
-        import os
-
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device("cpu")
 
@@ -93,6 +92,7 @@ class Protector:
         unet = self.pipe.unet.requires_grad_(True).train()
         if cfg.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
+        self._preflight(unet)
         self.engine = make_engine(unet, cfg)
         self.rank, self.world = self.engine.rank, self.engine.world
         self.progress = progress and self.rank == 0
@@ -115,6 +115,26 @@ class Protector:
                     self.selectivity.append(retention.Trajectories(
                         shapes, r.unprotected_slots, r.horizon, r.inner_lr,
                         pick=lambda: self.rng.choice(self.pool[1]).id))
+
+    def _preflight(self, unet: torch.nn.Module) -> None:
+        """Before any work: the output folder is writable and has room for the checkpoints kept plus the
+        one being written and the release (a run must not die at hour five on a full disk)."""
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            probe = self.out / f".write-test-{os.getpid()}"
+            probe.write_bytes(b"ok")
+            probe.unlink()
+        except OSError as e:
+            raise OSError(f"{self.out}: output folder is not writable ({e.strerror or e})") from None
+        weights = sum(p.numel() * 4 for p in unet.parameters())
+        r = self.cfg.retention
+        slots = (r.slots + r.unprotected_slots) * self.cfg.grad_accum if r.mode == "trajectory" else 0
+        per_checkpoint = weights * (3 + 3 * slots)      # weights + Adam moments + each attacker's delta and moments
+        need = per_checkpoint * (self.cfg.keep_checkpoints + 1) + 2 * weights
+        free = shutil.disk_usage(self.out).free
+        if free < need:
+            raise OSError(f"{self.out}: {free / 2**30:.2f} GiB free, the run needs about {need / 2**30:.2f} GiB "
+                          f"({self.cfg.keep_checkpoints} checkpoints kept + one being written + the release)")
 
     @property
     def simulates_attacks(self) -> bool:
