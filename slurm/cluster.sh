@@ -136,7 +136,9 @@ start() {
     install_packages
     log "packages ready ($((SECONDS - t0)) s)"
     t0=$SECONDS
-    rm -rf "$STATE/state" "$STATE/spool"   # fresh job ids and queue; submitit folders must be fresh too
+    # Fresh queue AND fresh accounting together: job ids restart at 1, and an old accounting record of
+    # the same id would hand submitit a stale state (measured: a new job 2 read as "CANCELLED by 0").
+    rm -rf "$STATE/state" "$STATE/spool" "$STATE/mysql"
     mkdir -p "$STATE"/{state,spool}
     write_configs
     export SLURM_CONF="$STATE/slurm.conf"

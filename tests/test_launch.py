@@ -82,20 +82,24 @@ def test_local_executor_runs_a_two_task_zero_job(job_catalog, tmp_path):
 @pytest.mark.slow
 def test_slurm_job_completes_and_a_timeout_requeue_resumes(slurm, job_catalog, tmp_path):
     out = tmp_path / "run"
-    jobs = launch(None, [f"catalog={job_catalog}", f"out={out}", "steps=6", "checkpoint_every=2",
-                         "cluster.executor=slurm", "cluster.time_min=60", *JOB])
+    jobs = launch(None, [f"catalog={job_catalog}", f"out={out}", "steps=8", "checkpoint_every=2",
+                         "keep_checkpoints=8", "cluster.executor=slurm", "cluster.time_min=60", *JOB])
     job = jobs[0]
     deadline = time.time() + 600
-    while not (out / "checkpoints" / "step-0000002").is_dir():
-        assert time.time() < deadline and not job.done(), job.stderr()
-        time.sleep(0.5)
+    while not (out / "checkpoints" / "step-0000002").is_dir():   # files only: sacct polls are slow
+        assert time.time() < deadline, job.stderr()
+        time.sleep(0.2)
     job._interrupt(timeout=True)   # what Slurm sends signal_delay_s before the time limit
     result = job.results()[0]
-    assert result["resumed"] and result["steps"] == 6
+    assert result["resumed"] and result["steps"] == 8
     assert "Requeued job" in "".join(p.read_text() for p in job.paths.folder.glob("*_log.out"))
-    _check_release(out, 6)
-    state = subprocess.run(["sacct", "-j", str(job.job_id), "-n", "-X", "-o", "State"], capture_output=True,
-                           text=True).stdout
+    _check_release(out, 8)
+    for _ in range(120):   # the result is pickled a moment before the Slurm job itself ends
+        state = subprocess.run(["sacct", "-j", str(job.job_id), "-n", "-X", "-o", "State"], capture_output=True,
+                               text=True).stdout
+        if "RUNNING" not in state:
+            break
+        time.sleep(0.5)
     assert "COMPLETED" in state, state
 
 
