@@ -60,3 +60,33 @@ def test_committed_retention_shards_are_readable():
     assert len(rows) >= 300
     assert {m["split"] for _, _, m in rows} == {"pretrain"}
     assert {m["class"] for _, _, m in rows} == set(world.CLASSES)
+
+
+def _numbered_shards(folder, n_samples: int, per_shard: int):
+    image = shards._png(Image.new("RGB", (8, 8), (0, 128, 0)))
+    samples = ({"__key__": f"s{i:04d}", "png": image, "txt": f"sample {i}", "json": json.dumps({"i": i})}
+               for i in range(n_samples))
+    return shards.write_shards(samples, folder, prefix="num", maxcount=per_shard)
+
+
+@pytest.mark.parametrize("n_shards", [8, 2])   # whole shards per part / every P-th sample (fewer shards than parts)
+def test_parts_cover_every_sample_exactly_once(tmp_path, n_shards):
+    _numbered_shards(tmp_path, 24, 24 // n_shards)
+    parts = [[cap for _, cap, _ in image_caption_dataset(tmp_path, shuffle=8, seed=3, part=p, parts=4)] for p in range(4)]
+    flat = [c for part in parts for c in part]
+    assert sorted(flat) == sorted(f"sample {i}" for i in range(24)) and all(parts)
+
+
+def test_retention_streams_split_over_ranks_and_workers_and_resume_in_place(tmp_path):
+    from train.data import retention_batches
+
+    _numbered_shards(tmp_path, 24, 3)   # 8 shards: 2 streams x 2 workers, 2 shards (6 samples) each
+    epoch = []
+    for stream in range(2):
+        it = retention_batches(tmp_path, batch=3, stream=stream, streams=2, seed=0, workers=2)
+        epoch += [c for _ in range(4) for c in next(it)[1]]   # 2 workers x 2 batches: one epoch of this stream
+    assert sorted(epoch) == sorted(f"sample {i}" for i in range(24))   # no sample seen by two ranks/workers
+    fresh = retention_batches(tmp_path, batch=3, stream=1, streams=2, seed=0, workers=2)
+    expected = [next(fresh)[1] for _ in range(5)][2:]
+    resumed = retention_batches(tmp_path, batch=3, stream=1, streams=2, seed=0, workers=2, skip=2)
+    assert [next(resumed)[1] for _ in range(3)] == expected
