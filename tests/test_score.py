@@ -1,7 +1,6 @@
 """The evaluators separate identities they never saw, and the scorer's bad-input errors are clear."""
 import json
 
-import pytest
 import torch
 
 from tools import world

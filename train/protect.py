@@ -298,7 +298,7 @@ class Protector:
         logs = {"loss/behaviour": l_bb.item(), "loss/prior": l_pp.item()}
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss at step {self.step} (entries {[e.id for e in batch]})")
-        extra, weight = [], []
+        extra = []   # (gradients at displaced weights, weight) from the simulated attackers
         scratch = self.engine.scratch
         if self.trajectories:
             l_br, grads = self.trajectories[k].step(scratch, theta, self.attacker,
