@@ -120,3 +120,30 @@ def test_an_unwritable_or_full_output_folder_is_refused_before_training(protect_
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 10**6, 10**6))   # 1 MB free
     with pytest.raises(OSError, match="GiB free, the run needs about"):
         Protector(_cfg(protect_catalog, tmp_path / "run", 1), progress=False)
+
+
+@pytest.mark.parametrize("policy", ["abort", "skip"])
+def test_a_non_finite_loss_aborts_or_is_skipped_per_config(protect_catalog, tmp_path, monkeypatch, policy):
+    cfg = _cfg(protect_catalog, tmp_path / "run", 2, "retention.mode=restart", "retention.inner_steps=1",
+               "grad_accum=2", f"guards.nonfinite={policy}")
+    p = Protector(cfg, progress=False)
+    real, calls = Protector.behaviour, []
+
+    def poisoned(self, unet_fn, entries):   # the first micro-batch's behaviour loss is NaN
+        calls.append(1)
+        loss = real(self, unet_fn, entries)
+        return loss * float("nan") if len(calls) == 1 else loss
+
+    monkeypatch.setattr(Protector, "behaviour", poisoned)
+    before = {n: w.clone() for n, w in p.engine.full_params().items()}
+    if policy == "abort":
+        with pytest.raises(FloatingPointError, match="non-finite loss at step 0 .*entries"):
+            p.train_step()
+        return
+    logs = p.train_step()
+    assert logs["guard/skipped_micro_batches"] == 1 and "loss/behaviour" in logs   # the other micro-batch trained
+    after = p.engine.full_params()
+    assert all(torch.isfinite(w).all() for w in after.values())
+    assert any(not torch.equal(before[n], after[n]) for n in after)
+    row = json.loads((tmp_path / "run" / "nonfinite.jsonl").read_text())
+    assert row["step"] == 0 and row["entries"] and row["losses"]["loss/behaviour"] == "nan"

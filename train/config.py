@@ -86,6 +86,15 @@ class Logging:
 
 
 @dataclass
+class Guards:
+    # A non-finite loss (or simulated-attacker loss) in any micro-batch of any rank: "abort" stops the run
+    # naming the step and entries (resume from the last checkpoint after a fix); "skip" drops that
+    # micro-batch on every rank (a zero-gradient pass keeps the ranks in step), logs its entry ids to
+    # OUT/nonfinite.jsonl and trains on; the optimizer step still runs on the other micro-batches.
+    nonfinite: str = "abort"
+
+
+@dataclass
 class Cluster:
     """Where `persguard launch` runs the job (slurm/launch.py, submitit's AutoExecutor)."""
     executor: str = "auto"          # auto (slurm where sbatch exists, else local) | slurm | local
@@ -129,6 +138,7 @@ class ProtectConfig:
     retention: Retention = field(default_factory=Retention)
     logging: Logging = field(default_factory=Logging)
     cluster: Cluster = field(default_factory=Cluster)
+    guards: Guards = field(default_factory=Guards)
 
     def validate(self, source: str = "config") -> "ProtectConfig":
         problems = []
@@ -151,6 +161,8 @@ class ProtectConfig:
             problems.append(f"cluster.executor: {self.cluster.executor!r} is not auto, slurm or local")
         if self.cluster.nodes < 1 or self.cluster.parts < 1 or self.cluster.tasks_per_node < 0:
             problems.append("cluster: nodes and parts must be >= 1, tasks_per_node >= 0")
+        if self.guards.nonfinite not in ("abort", "skip"):
+            problems.append(f"guards.nonfinite: {self.guards.nonfinite!r} is not 'abort' or 'skip'")
         if self.grad_accum < 1 or self.prior.workers < 0:
             problems.append("grad_accum must be >= 1 and prior.workers >= 0")
         if not 0 <= self.behaviour.min_timestep < self.behaviour.max_timestep <= 1000:

@@ -220,7 +220,8 @@ class DeepSpeedEngine:
         torch.distributed.barrier()
 
     def all_mean(self, value: float) -> float:
-        t = torch.tensor([value], dtype=torch.float64)
+        # nccl reduces CUDA tensors only
+        t = torch.tensor([value], dtype=torch.float64, device="cuda" if torch.cuda.is_available() else "cpu")
         torch.distributed.all_reduce(t)
         return float(t) / self.world
 

@@ -272,7 +272,7 @@ class Protector:
     def train_step(self) -> dict:
         """One optimizer step: this rank's `grad_accum` micro-batches, then the engine's step. Returns the
         loss terms averaged over every micro-batch of every rank (a collective under DeepSpeed)."""
-        logs: dict[str, float] = {}
+        logs: dict[str, float] = {"guard/skipped_micro_batches": 0.0}
         theta = None
         for k, stream in enumerate(self.local_streams()):
             self._seed(stream)
@@ -280,7 +280,7 @@ class Protector:
                 theta = self.engine.full_params()   # simulated attackers start from the current weights
             micro, norm = self.micro_step(stream, k, theta)
             for key, v in micro.items():
-                logs[key] = logs.get(key, 0.0) + v / self.cfg.grad_accum
+                logs[key] = logs.get(key, 0.0) + (v if key.startswith("guard/") else v / self.cfg.grad_accum)
         logs = {key: self.engine.all_mean(v) for key, v in sorted(logs.items())}
         if not math.isfinite(norm):
             raise FloatingPointError(f"non-finite gradient at step {self.step} (rank {self.rank}); the step was "
@@ -296,8 +296,6 @@ class Protector:
         l_pp = self.prior(stream) if w.prior > 0 else torch.zeros(())
         loss = w.behaviour * l_bb + w.prior * l_pp
         logs = {"loss/behaviour": l_bb.item(), "loss/prior": l_pp.item()}
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss at step {self.step} (entries {[e.id for e in batch]})")
         extra = []   # (gradients at displaced weights, weight) from the simulated attackers
         scratch = self.engine.scratch
         if self.trajectories:
@@ -323,6 +321,9 @@ class Protector:
                 loss = loss + w.retention * l_br_t
                 l_br = l_br_t.item()
             logs["loss/retention"] = l_br
+        finite = all(math.isfinite(v) for v in logs.values()) and bool(torch.isfinite(loss))
+        if self.engine.all_mean(float(finite)) < 1:   # the same decision on every rank
+            return self._nonfinite(stream, batch, logs)
         if len(extra) > 1:   # one weighted sum handed to the engine
             merged = {n: sum(wt * g[n] for g, wt in extra if n in g) for n in set().union(*(g for g, _ in extra))}
             extra = [(merged, 1.0)]
@@ -331,6 +332,22 @@ class Protector:
         with retention.math_attention() if second_order else contextlib.nullcontext():
             norm = self.engine.accumulate(loss, grads, wt)
         return logs, norm
+
+    def _nonfinite(self, stream: int, batch: list[Entry], logs: dict) -> tuple[dict, float | None]:
+        """A micro-batch with a non-finite loss on some rank (config guards.nonfinite)."""
+        ids = [e.id for e in batch]
+        if self.cfg.guards.nonfinite == "abort":
+            raise FloatingPointError(f"non-finite loss at step {self.step} (micro-batch {stream}, entries {ids}, "
+                                     f"losses {logs}); resume from the last checkpoint after a fix, or set "
+                                     f"guards.nonfinite=skip")
+        with (self.out / "nonfinite.jsonl").open("a") as f:   # local file: entry ids never go to W&B
+            f.write(json.dumps({"step": self.step, "rank": self.rank, "stream": stream, "entries": ids,
+                                "losses": {k: repr(v) for k, v in logs.items()}}) + "\n")
+        # a zero-gradient pass through the engine keeps every rank's collectives and accumulation in step
+        z = next(iter(self.latents.values()))[0][:1]
+        zero = self.student(torch.zeros_like(z), torch.zeros(1, dtype=torch.long, device=self.device),
+                            **self.prompts([""])).float().sum() * 0
+        return {"guard/skipped_micro_batches": 1.0}, self.engine.accumulate(zero)
 
     def released_unet(self) -> torch.nn.Module:
         """The plain UNet holding the full current weights (a collective under DeepSpeed: every rank calls)."""
@@ -446,6 +463,12 @@ class Protector:
         return final
 
 
+def _mean(rows: list[dict]) -> dict:
+    """Per key, the mean over the rows that have it (a step whose micro-batches were all skipped has no losses)."""
+    keys = dict.fromkeys(k for r in rows for k in r)
+    return {k: sum(r[k] for r in rows if k in r) / sum(k in r for r in rows) for k in keys}
+
+
 def _memory_mb() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
@@ -490,7 +513,7 @@ def protect(cfg: ProtectConfig, progress: bool = True) -> dict:
                 f.write(json.dumps({"step": p.step, **logs}) + "\n")
         bar.set_postfix({k.split("/")[-1]: f"{v:.3f}" for k, v in logs.items() if k.startswith("loss")})
         if log.every and p.step % log.every == 0:
-            mean = {k: sum(h[k] for h in window) / len(window) for k in window[-1]}
+            mean = _mean(window)
             mean["perf/samples_per_second"] = samples_per_step / mean["perf/seconds_per_step"]
             mean["perf/max_memory_mb"] = _memory_mb()
             tracker.log(mean, p.step)
@@ -501,7 +524,7 @@ def protect(cfg: ProtectConfig, progress: bool = True) -> dict:
             p.save_checkpoint()
     if cfg.checkpoint_every and p.step % cfg.checkpoint_every and history:
         p.save_checkpoint()   # a continuation (the next part of a chained launch) starts exactly here
-    last = {k: sum(h[k] for h in history[-20:]) / len(history[-20:]) for k in history[-1]} if history else {}
+    last = _mean(history[-20:])
     probe = run_probe() if log.probe_every >= 0 else {}
     metrics = {"steps": p.step, "resumed": resumed, "world_size": p.world, "seconds": time.time() - t0,
                "final_losses": last, "probe": probe}
