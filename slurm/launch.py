@@ -48,7 +48,8 @@ class ProtectJob(submitit.helpers.Checkpointable):
 
     def checkpoint(self, *args, **kwargs) -> submitit.helpers.DelayedSubmission:
         """Called by submitit on the timeout / preemption signal: requeue the same job; it resumes from
-        OUT/checkpoints (anything after the last checkpoint is recomputed)."""
+        OUT/checkpoints (anything after the last checkpoint is recomputed; train/tracking.py waits for
+        the old W&B process to let go of the run id)."""
         return submitit.helpers.DelayedSubmission(ProtectJob(self.config, self.overrides))
 
 

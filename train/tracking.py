@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import time
 from pathlib import Path
 
 import torch
@@ -44,9 +45,18 @@ class Tracker:
         id_file = out / "wandb-run-id"   # one W&B run across resumes of the same output folder
         run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
         id_file.write_text(run_id)
-        self.run = wandb.init(project=self.cfg.project, mode=mode, dir=str(out), id=run_id, resume="allow",
-                              config={**cfg.to_dict(), "fingerprint": fingerprint, "git_commit": git_commit()},
-                              settings=wandb.Settings(silent=True, console="off"))
+        for attempt in range(30):
+            try:
+                self.run = wandb.init(project=self.cfg.project, mode=mode, dir=str(out), id=run_id, resume="allow",
+                                      config={**cfg.to_dict(), "fingerprint": fingerprint, "git_commit": git_commit()},
+                                      settings=wandb.Settings(silent=True, console="off"))
+                break
+            except Exception as e:   # noqa: BLE001 - wandb raises a generic error type here
+                # a requeued job can start while its previous incarnation's W&B process still holds the
+                # run (measured under Slurm: "run ID ... is in use"); wait for it rather than fork the run
+                if "in use" not in str(e) or attempt == 29:
+                    raise
+                time.sleep(2)
 
     def log(self, metrics: dict, step: int) -> None:
         if self.run is not None:
