@@ -36,6 +36,9 @@ class ProtectJob(submitit.helpers.Checkpointable):
 
     def __call__(self) -> dict:
         env = submitit.JobEnvironment()
+        # sbatch exports the submitter's environment; a W&B service address in it would make every job
+        # (and every requeue) share the submitter's service, which keeps a killed job's run id "in use"
+        os.environ.pop("WANDB_SERVICE", None)
         os.environ.update(RANK=str(env.global_rank), LOCAL_RANK=str(env.local_rank), WORLD_SIZE=str(env.num_tasks),
                           MASTER_ADDR=env.hostnames[0], MASTER_PORT=str(rendezvous_port(str(env.job_id))))
         import torch
