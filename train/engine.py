@@ -96,8 +96,8 @@ class LocalEngine:
     def barrier(self) -> None:
         pass
 
-    def all_mean(self, value: float) -> float:
-        return value
+    def all_mean(self, values: dict[str, float]) -> dict[str, float]:
+        return values
 
 
 def load_deepspeed_config(path: str | Path, lr: float, accum: int, micro_batch: int) -> dict:
@@ -219,11 +219,14 @@ class DeepSpeedEngine:
     def barrier(self) -> None:
         torch.distributed.barrier()
 
-    def all_mean(self, value: float) -> float:
+    def all_mean(self, values: dict[str, float]) -> dict[str, float]:
+        """Means over ranks, in one collective (every rank must pass the same keys)."""
+        keys = sorted(values)
         # nccl reduces CUDA tensors only
-        t = torch.tensor([value], dtype=torch.float64, device="cuda" if torch.cuda.is_available() else "cpu")
+        t = torch.tensor([values[k] for k in keys], dtype=torch.float64,
+                         device="cuda" if torch.cuda.is_available() else "cpu")
         torch.distributed.all_reduce(t)
-        return float(t) / self.world
+        return dict(zip(keys, (t / self.world).tolist()))
 
 
 def make_engine(unet: torch.nn.Module, cfg) -> LocalEngine | DeepSpeedEngine:

@@ -281,7 +281,7 @@ class Protector:
             micro, norm = self.micro_step(stream, k, theta)
             for key, v in micro.items():
                 logs[key] = logs.get(key, 0.0) + (v if key.startswith("guard/") else v / self.cfg.grad_accum)
-        logs = {key: self.engine.all_mean(v) for key, v in sorted(logs.items())}
+        logs = self.engine.all_mean(logs)
         if not math.isfinite(norm):
             raise FloatingPointError(f"non-finite gradient at step {self.step} (rank {self.rank}); the step was "
                                      f"skipped, resume from the last checkpoint")
@@ -322,7 +322,7 @@ class Protector:
                 l_br = l_br_t.item()
             logs["loss/retention"] = l_br
         finite = all(math.isfinite(v) for v in logs.values()) and bool(torch.isfinite(loss))
-        if self.engine.all_mean(float(finite)) < 1:   # the same decision on every rank
+        if self.engine.all_mean({"finite": float(finite)})["finite"] < 1:   # the same decision on every rank
             return self._nonfinite(stream, batch, logs)
         if len(extra) > 1:   # one weighted sum handed to the engine
             merged = {n: sum(wt * g[n] for g, wt in extra if n in g) for n in set().union(*(g for g, _ in extra))}
