@@ -101,11 +101,13 @@ def test_trajectories_cover_the_horizon_and_restart(setup):
     for _ in range(2):
         loss, grads = traj.step(unet, params, lambda f, e: attacker(f), lambda f, e: backdoor(f))
     assert [s["depth"] for s in traj.slots] == [2, 3]
+    assert [s["age"] for s in traj.slots] == [2, 3], "a slot created at depth 1 first catches up one attack step"
     assert all(s["entry"] == "entry" for s in traj.slots)
     moved = max(s["delta"][n].abs().max().item() for s in traj.slots for n in params)
     assert moved > 0, "the simulated attackers did not move"
     traj.step(unet, params, lambda f, e: attacker(f), lambda f, e: backdoor(f))
     assert [s["depth"] for s in traj.slots] == [3, 1], "a slot at the horizon restarts from theta"
+    assert traj.slots[1]["age"] == 1
     assert all(torch.equal(p, before[n]) for n, p in params.items())
 
 

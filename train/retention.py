@@ -91,7 +91,10 @@ class Trajectories:
     restarts from theta. Depths are staggered, so at any time the slots cover the whole attack horizon at
     a cost per outer step of `slots` attacker steps, independent of the horizon.
 
-    Each slot attacks one entry for its whole life (`pick()` chooses it at every restart).
+    Each slot attacks one entry for its whole life (`pick()` chooses it at every restart). A slot
+    created at depth d > 0 first runs d attacker steps (no backdoor gradient), so from the first outer
+    step the slots really sit along the whole horizon: without this catch-up, a run shorter than the
+    horizon never simulated an attack longer than the run (a 150-step run, 400-step attacks: at most 150).
     """
 
     def __init__(self, params: dict[str, torch.nn.Parameter], slots: int, horizon: int, lr: float, pick: Callable):
@@ -110,14 +113,9 @@ class Trajectories:
         for k, s in enumerate(self.slots):
             if s["depth"] >= self.horizon:
                 self.slots[k] = s = self._fresh(params)
-            w = {n: (params[n].detach() + s["delta"][n]).requires_grad_(True) for n in self.names}
-            grads = torch.autograd.grad(attacker(unet_at(unet, w), s["entry"]), [w[n] for n in self.names],
-                                        allow_unused=True)
-            s["age"] += 1
-            with torch.no_grad():
-                for n, g in zip(self.names, grads):
-                    if g is not None:
-                        _adam_step(s["delta"][n], g, s["m"][n], s["v"][n], s["age"], self.lr)
+            while s["age"] < s["depth"]:   # catch-up of a slot created deeper than it has run
+                self._attack(unet, params, attacker, s)
+            self._attack(unet, params, attacker, s)
             s["depth"] += 1
             w = {n: (params[n].detach() + s["delta"][n]).requires_grad_(True) for n in self.names}
             loss = backdoor(unet_at(unet, w), s["entry"])
@@ -127,6 +125,17 @@ class Trajectories:
                     grad_sum[n] += g / len(self.slots)
             total += loss.item() / len(self.slots)
         return total, grad_sum
+
+    def _attack(self, unet, params, attacker: Callable, s: dict) -> None:
+        """One simulated attacker Adam step of slot `s` at theta + delta."""
+        w = {n: (params[n].detach() + s["delta"][n]).requires_grad_(True) for n in self.names}
+        grads = torch.autograd.grad(attacker(unet_at(unet, w), s["entry"]), [w[n] for n in self.names],
+                                    allow_unused=True)
+        s["age"] += 1
+        with torch.no_grad():
+            for n, g in zip(self.names, grads):
+                if g is not None:
+                    _adam_step(s["delta"][n], g, s["m"][n], s["v"][n], s["age"], self.lr)
 
     def state_dict(self) -> list[dict]:
         return self.slots
