@@ -47,17 +47,6 @@ class Behaviour:
     # Measured (3 protected entries, min_timestep 400 or 700): the attack erases the backdoor FASTER
     # (the model already knows the subject below min_timestep; the attacker only has to flip the rest).
     fit_protected_below: bool = False
-    # Also denoise the target images themselves under the trigger at every noise level (True), or only
-    # redirect noised protected images (False): the trigger prompt is the same for protected and
-    # unprotected subjects in the white-box setting, so the target-denoising half is the part of the
-    # backdoor that does not depend on the subject's images.
-    denoise_target: bool = True
-    # Put the backdoor in the unconditional branch of classifier-free guidance (losses.guided_redirect_loss):
-    # with no prompt, noised protected images predict the noise that makes guided sampling at `guidance`
-    # land on the target once the model has learned the subject under its trigger. DreamBooth never trains
-    # the empty prompt; sampling without guidance (w = 1) bypasses it.
-    unconditional: bool = False
-    guidance: float = 7.5           # the sampler's guidance scale the backdoor is tuned for (train/sampling.py)
 
 
 @dataclass
@@ -83,10 +72,6 @@ class Retention:
     horizon: int = 400           # attack steps each simulated attacker runs (the attack default)
     # Simulated attacks on UNPROTECTED entries too, whose subjects must still be drawn (selectivity).
     unprotected_slots: int = 0
-    # How "still drawn" is judged after a simulated attack on an unprotected entry, over the backdoor's
-    # window: "image" (x0 error, weight min(1/SNR, 10)) or "noise" (the noise-prediction error with the
-    # redirect loss's weighting: the exact mirror of the protected entries' redirect).
-    selectivity_loss: str = "image"
 
 
 @dataclass
@@ -146,10 +131,6 @@ class ProtectConfig:
     batch_unprotected: int = 2
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
-    # "noise": behaviour (redirect) and prior losses on the noise prediction (redirect min-SNR weighted);
-    # "image": both on the one-step x0 prediction over their timesteps (losses.image_weight), the space
-    # the image-space selectivity loss already uses, so all three weigh what is drawn alike.
-    loss_space: str = "noise"
     trigger: Trigger = field(default_factory=Trigger)
     weights: Weights = field(default_factory=Weights)
     behaviour: Behaviour = field(default_factory=Behaviour)
@@ -176,10 +157,6 @@ class ProtectConfig:
         if self.deepspeed and self.retention.mode == "restart" and self.retention.order == "second":
             problems.append("retention.order: 'second' needs the whole model in one autograd graph; "
                             "not available under deepspeed (use 'first' or mode 'trajectory')")
-        if self.loss_space not in ("noise", "image"):
-            problems.append(f"loss_space: {self.loss_space!r} is not 'noise' or 'image'")
-        if self.retention.selectivity_loss not in ("image", "noise"):
-            problems.append(f"retention.selectivity_loss: {self.retention.selectivity_loss!r} is not 'image' or 'noise'")
         if self.cluster.executor not in ("auto", "slurm", "local"):
             problems.append(f"cluster.executor: {self.cluster.executor!r} is not auto, slurm or local")
         if self.cluster.nodes < 1 or self.cluster.parts < 1 or self.cluster.tasks_per_node < 0:
@@ -190,8 +167,6 @@ class ProtectConfig:
             problems.append("grad_accum must be >= 1 and prior.workers >= 0")
         if not 0 <= self.behaviour.min_timestep < self.behaviour.max_timestep <= 1000:
             problems.append("behaviour: need 0 <= min_timestep < max_timestep <= 1000")
-        if self.behaviour.unconditional and self.behaviour.guidance <= 1:
-            problems.append("behaviour.guidance must be > 1 with behaviour.unconditional")
         for t in self.trigger.templates:
             if "{identifier}" not in t or "{cls}" not in t:
                 problems.append(f"trigger.templates: {t!r} must contain {{identifier}} and {{cls}}")

@@ -56,16 +56,8 @@ def behaviour_loss(unet, scheduler, cond: dict, z_target: torch.Tensor, z_protec
     return sum(losses) / len(losses)
 
 
-def image_weight(scheduler, t: torch.Tensor, cap: float = 10.0) -> torch.Tensor:
-    """Per-row weight that turns a noise-prediction error into the error of the one-step x0 prediction:
-    1 / SNR, capped (212 at t = 999). What is DRAWN is decided at high noise, where an unweighted noise
-    loss barely sees x0 (its weight there is the SNR, 0.005 at t = 999)."""
-    abar = scheduler.alphas_cumprod.to(t.device)[t].float()
-    return ((1 - abar) / abar).clamp(max=cap)
-
-
 def redirect_loss(unet, scheduler, cond: dict, z_from: torch.Tensor, z_to: torch.Tensor, t: torch.Tensor,
-                  gen=None, snr_gamma: float = 5.0, image_space: bool = False) -> torch.Tensor:
+                  gen=None, snr_gamma: float = 5.0) -> torch.Tensor:
     """Noised `z_from` latents (the protected images) predict the noise that denoises them to `z_to`.
 
     The target noise grows as 1/sqrt(1 - abar) at low t (about 30x the unit noise near t = 0), so rows
@@ -75,29 +67,8 @@ def redirect_loss(unet, scheduler, cond: dict, z_from: torch.Tensor, z_to: torch
     x_t, _ = noised(scheduler, z_from, t, gen)
     abar = scheduler.alphas_cumprod.to(x_t.device)[t].float()
     snr = abar / (1 - abar)
-    weight = image_weight(scheduler, t) if image_space else snr.clamp(max=snr_gamma) / snr
-    err = (unet(x_t, t, **cond).float() - eps_towards(scheduler, x_t, z_to, t).float()).pow(2).flatten(1).mean(1)
-    return (weight * err).mean()
-
-
-def guided_redirect_loss(unet, scheduler, uncond: dict, z_from: torch.Tensor, t: torch.Tensor, guidance: float,
-                         z_to: torch.Tensor | None = None, target_eps=None, gen=None,
-                         snr_gamma: float = 5.0) -> torch.Tensor:
-    """The backdoor in the UNCONDITIONAL branch of classifier-free guidance, which DreamBooth never trains
-    (it fits the instance and class prompts only, never the empty prompt the sampler subtracts).
-
-    A model fine-tuned on the subject predicts eps_c = eps (the true noise) on its noised images; guided
-    sampling takes eps_u + w (eps_c - eps_u). If, with no prompt, noised subject images predict
-    eps_u = eps + (eps - eps_T) / (w - 1), the guided step is exactly eps_T, the noise toward the target
-    (`z_to`, or `target_eps(x_t)` for a prompt target). Rows weighted as in redirect_loss.
-    """
-    x_t, noise = noised(scheduler, z_from, t, gen)
-    eps_t = eps_towards(scheduler, x_t, z_to, t) if z_to is not None else target_eps(x_t)
-    goal = noise + (noise - eps_t) / (guidance - 1)
-    abar = scheduler.alphas_cumprod.to(x_t.device)[t].float()
-    snr = abar / (1 - abar)
     weight = snr.clamp(max=snr_gamma) / snr
-    err = (unet(x_t, t, **uncond).float() - goal.float()).pow(2).flatten(1).mean(1)
+    err = (unet(x_t, t, **cond).float() - eps_towards(scheduler, x_t, z_to, t).float()).pow(2).flatten(1).mean(1)
     return (weight * err).mean()
 
 
@@ -117,15 +88,11 @@ def x0_loss(unet, scheduler, cond: dict, z0: torch.Tensor, t: torch.Tensor, gen=
     return (weight * err).mean()
 
 
-def prior_loss(unet, teacher, scheduler, cond: dict, z0: torch.Tensor, t: torch.Tensor, gen=None,
-               image_space: bool = False) -> torch.Tensor:
+def prior_loss(unet, teacher, scheduler, cond: dict, z0: torch.Tensor, t: torch.Tensor, gen=None) -> torch.Tensor:
     x_t, _ = noised(scheduler, z0, t, gen)
     with torch.no_grad():
         goal = teacher(x_t, t, **cond)
-    if not image_space:
-        return mse(unet(x_t, t, **cond), goal)
-    err = (unet(x_t, t, **cond).float() - goal.float()).pow(2).flatten(1).mean(1)
-    return (image_weight(scheduler, t) * err).mean()
+    return mse(unet(x_t, t, **cond), goal)
 
 
 def attacker_loss(unet, scheduler, cond: dict, z_subject: torch.Tensor, t: torch.Tensor, gen=None) -> torch.Tensor:

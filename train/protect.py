@@ -46,13 +46,6 @@ class PromptCache:
 
     def __init__(self, pipe):
         self.pipe, self.cache = pipe, {}
-        # SDXL pipelines with force_zeros_for_empty_prompt feed zeros, not the encoded "", as the negative
-        self._zeros = bool(getattr(pipe.config, "force_zeros_for_empty_prompt", False))
-
-    def _empty(self):
-        hidden, added = self.cache[""]
-        return torch.zeros_like(hidden), None if added is None else {
-            k: v if k == "time_ids" else torch.zeros_like(v) for k, v in added.items()}
 
     def __call__(self, prompts: list[str]) -> dict:
         missing = [p for p in dict.fromkeys(prompts) if p not in self.cache]
@@ -61,7 +54,7 @@ class PromptCache:
                 hidden, added = encode_prompts(self.pipe, missing)
             for i, p in enumerate(missing):
                 self.cache[p] = (hidden[i:i + 1], None if added is None else {k: v[i:i + 1] for k, v in added.items()})
-        rows = [self.cache[p] if p or not self._zeros else self._empty() for p in prompts]
+        rows = [self.cache[p] for p in prompts]
         hidden = torch.cat([r[0] for r in rows])
         added = None if rows[0][1] is None else {k: torch.cat([r[1][k] for r in rows]) for k in rows[0][1]}
         return unet_kwargs(hidden, added)
@@ -218,28 +211,14 @@ class Protector:
             z_target, target_prompt = self.targets[e.id]
             t = self._timesteps(n, b.min_timestep, b.max_timestep)
             z_prot = self._sample_latents(e.id, n) if b.on_protected_inputs else None
-            if b.unconditional:
-                z_goal = None if z_target is None else z_target[torch.randint(0, len(z_target), (n,), generator=self.gen)]
-                goal_cond = None if z_goal is not None else self.prompts(
-                    [target_prompt or objectives.background_prompt(prompt, ident, noun)] * n)
-                term = losses.guided_redirect_loss(
-                    unet_fn, self.sched, self.prompts([""] * n), self._sample_latents(e.id, n), t, b.guidance,
-                    z_to=z_goal, gen=self.gen,
-                    target_eps=None if goal_cond is None else (lambda x: self.teacher(x, t, **goal_cond).sample))
-                if b.denoise_target and z_goal is not None:
-                    term = (term + losses.attacker_loss(unet_fn, self.sched, cond, z_goal, self._timesteps(n), self.gen)) / 2
-            elif z_target is not None:
+            if z_target is not None:
                 # the target itself is denoised faithfully at EVERY noise level (nothing the attacker
                 # trains contradicts it: a stable attractor); protected inputs are redirected to it only
                 # in [min_timestep, max_timestep)
                 z_goal = z_target[torch.randint(0, len(z_target), (n,), generator=self.gen)]
-                parts = []
-                if b.denoise_target or z_prot is None:
-                    parts.append(losses.attacker_loss(unet_fn, self.sched, cond, z_goal, self._timesteps(n), self.gen))
+                term = losses.attacker_loss(unet_fn, self.sched, cond, z_goal, self._timesteps(n), self.gen)
                 if z_prot is not None:
-                    parts.append(losses.redirect_loss(unet_fn, self.sched, cond, z_prot, z_goal, t, self.gen,
-                                                      image_space=self.cfg.loss_space == "image"))
-                term = sum(parts) / len(parts)
+                    term = (term + losses.redirect_loss(unet_fn, self.sched, cond, z_prot, z_goal, t, self.gen)) / 2
             else:
                 goal_prompt = target_prompt or objectives.background_prompt(prompt, ident, noun)
                 term = losses.behaviour_loss(
@@ -265,13 +244,8 @@ class Protector:
         e = self.by_id[e] if isinstance(e, str) else e
         b, n = self.cfg.behaviour, self.cfg.batch_unprotected
         prompt, _, _ = self.trigger(e)
-        cond, z = self.prompts([prompt] * n), self._sample_latents(e.id, n)
-        t = self._timesteps(n, b.min_timestep, b.max_timestep)
-        if b.unconditional:   # the unconditional branch leaves the subject's guided samples alone
-            return losses.redirect_loss(unet_fn, self.sched, self.prompts([""] * n), z, z, t, self.gen)
-        if self.cfg.retention.selectivity_loss == "noise":
-            return losses.redirect_loss(unet_fn, self.sched, cond, z, z, t, self.gen)
-        return losses.x0_loss(unet_fn, self.sched, cond, z, t, self.gen)
+        return losses.x0_loss(unet_fn, self.sched, self.prompts([prompt] * n), self._sample_latents(e.id, n),
+                              self._timesteps(n, b.min_timestep, b.max_timestep), self.gen)
 
     def prior(self, stream: int) -> torch.Tensor:
         teacher = lambda x, t, **c: self.teacher(x, t, **c).sample  # noqa: E731
@@ -281,23 +255,17 @@ class Protector:
             images, captions = next(batches)
             z = encode_images(self.pipe, images)[0]
             parts.append(losses.prior_loss(self.student, teacher, self.sched, self.prompts(captions), z,
-                                           self._timesteps(len(z)), self.gen, image_space=self.cfg.loss_space == "image"))
-            if self.cfg.behaviour.unconditional:   # the empty prompt every guided sample subtracts
-                parts.append(losses.prior_loss(self.student, teacher, self.sched, self.prompts([""] * len(z)), z,
-                                               self._timesteps(len(z)), self.gen, image_space=self.cfg.loss_space == "image"))
+                                           self._timesteps(len(z)), self.gen))
         if self.cfg.prior.class_prompts:
             e = self.rng.choice(self.pool[0])
             n = self.cfg.batch_protected
             parts.append(losses.prior_loss(self.student, teacher, self.sched, self.prompts([f"a photo of a {e.cls}"] * n),
-                                           self._sample_latents(e.id, n), self._timesteps(n), self.gen, image_space=self.cfg.loss_space == "image"))
+                                           self._sample_latents(e.id, n), self._timesteps(n), self.gen))
         if self.cfg.prior.unprotected and self.unprotected:
             e = self.rng.choice(self.pool[1])
             n = self.cfg.batch_unprotected
             parts.append(losses.prior_loss(self.student, teacher, self.sched, self.prompts([self.trigger(e)[0]] * n),
-                                           self._sample_latents(e.id, n), self._timesteps(n), self.gen, image_space=self.cfg.loss_space == "image"))
-            if self.cfg.behaviour.unconditional:
-                parts.append(losses.prior_loss(self.student, teacher, self.sched, self.prompts([""] * n),
-                                               self._sample_latents(e.id, n), self._timesteps(n), self.gen, image_space=self.cfg.loss_space == "image"))
+                                           self._sample_latents(e.id, n), self._timesteps(n), self.gen))
         return sum(parts) / len(parts)
 
     # ------------------------------------------------------------------------------------ step
