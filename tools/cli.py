@@ -190,6 +190,21 @@ def cmd_audit(a):
     return 1 if problems else 0
 
 
+def cmd_bench(a):
+    if a.sdxl:
+        from tools.bench_sdxl import run
+
+        run(a)
+        return
+    from tools.bench import bench, markdown
+
+    sizes = [int(n) for n in a.catalog_sizes.split(",") if n.strip()]
+    report = bench(catalog=a.catalog, config=a.config, out=Path(a.out or "runs/bench"), steps=a.steps,
+                   warmup=a.warmup, catalog_sizes=sizes, overrides=a.overrides)
+    print(markdown(report))
+    print(f"report: {Path(a.out or 'runs/bench') / 'bench.json'}")
+
+
 def cmd_demo(a):
     from tools.demo import run_demo
 
@@ -335,6 +350,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("folder", help="the released diffusers folder")
     s.add_argument("--catalog", required=True, help="the catalog it was protected for")
     s.set_defaults(func=cmd_audit)
+
+    s = sub.add_parser("bench", help="step time of PersGuard vs plain DreamBooth (each term), samples/s, memory, "
+                       "data loading, cost by catalog size; --sdxl: one SDXL-scale training step (MFU)")
+    s.add_argument("--catalog", default=None, help="catalog file (default: the embedded default catalog; a "
+                   "catalog without protected entries is copied with 3 of them protected)")
+    s.add_argument("--config", default=None, help="protect config the steps are taken from (default "
+                   "configs/demo.yaml)")
+    s.add_argument("--steps", type=int, default=10, help="timed steps (medians)")
+    s.add_argument("--warmup", type=int, default=2, help="untimed steps first (the first step catches the "
+                   "simulated attackers up to their depths)")
+    s.add_argument("--catalog-sizes", default="1,8", help="tiny-world catalogs to time, e.g. 1,8,32,128 "
+                   "(catalog_cost_ratio_128_vs_1 needs 1 and 128); empty: none")
+    s.add_argument("--out", default=None, help="writes OUT/bench.json and OUT/bench.md (default runs/bench); "
+                   "with --sdxl OUT/bench_sdxl.json")
+    s.add_argument("overrides", nargs="*", help="key=value overrides of the config, e.g. batch_protected=2")
+    g = s.add_argument_group("SDXL-scale step (--sdxl, tools/bench_sdxl.py; --steps/--warmup/--out as above)")
+    g.add_argument("--sdxl", action="store_true", help="time one training step of the real SDXL UNet instead")
+    from tools.bench_sdxl import add_arguments
+
+    add_arguments(g, common=False)
+    s.set_defaults(func=cmd_bench)
 
     s = sub.add_parser("demo", help="the main job on the embedded default (what `make demo` runs)")
     s.add_argument("--model", default="tiny-sd")

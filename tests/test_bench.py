@@ -1,0 +1,82 @@
+"""`persguard bench` and the SDXL-scale step (tools/bench.py, tools/bench_sdxl.py) on CPU: the report's
+contract and what must hold on any machine; the timings themselves are the machine's."""
+import json
+
+import pytest
+import torch
+
+from tools import bench_sdxl
+from tools.bench import TERMS, protected_catalog, world_catalog
+from tools.cli import main
+from train.catalog import load_catalog
+
+# a PersGuard step with every term, at the smallest sizes (seconds, not minutes, on 2 CPU cores)
+FAST = ["batch_protected=1", "batch_unprotected=1", "prior.retention_batch=2", "retention.slots=1",
+        "retention.horizon=2", "retention.unprotected_slots=1"]
+
+
+def test_world_catalog_protects_half_and_is_rendered_once(tmp_path):
+    path = world_catalog(4, tmp_path / "four")
+    entries = load_catalog(path)
+    assert [e.cls for e in entries] == ["person", "person", "cat", "vase"]
+    assert [e.id for e in entries if e.protected] == [entries[0].id, entries[2].id]   # round-robin over classes
+    stamp = path.stat().st_mtime_ns
+    assert world_catalog(4, tmp_path / "four") == path and path.stat().st_mtime_ns == stamp
+    one = load_catalog(world_catalog(1, tmp_path / "one"))
+    assert len(one) == 1 and one[0].protected
+
+
+def test_a_catalog_without_protected_entries_is_copied_with_some_protected(world_catalog, tmp_path):
+    copy = protected_catalog(world_catalog, tmp_path / "copy")
+    entries = load_catalog(copy)
+    assert copy != world_catalog and [e.id for e in entries] == [e.id for e in load_catalog(world_catalog)]
+    assert sum(e.protected for e in entries) == 2 and all(e.images.is_dir() for e in entries)   # one stays unprotected
+    assert protected_catalog(copy, tmp_path / "again") == copy
+
+
+@pytest.mark.slow
+def test_bench_times_each_term_against_a_plain_dreambooth_step(world_catalog, tmp_path, capsys):
+    assert main(["bench", "--catalog", str(world_catalog), "--steps", "2", "--warmup", "1", "--catalog-sizes", "1",
+                 "--out", str(tmp_path), *FAST]) == 0
+    r = json.loads((tmp_path / "bench.json").read_text())
+    assert r["entries"] == {"protected": 2, "unprotected": 1}
+    # a PersGuard step holds a plain step's worth of work several times over (behaviour, prior, one
+    # simulated attacker step and one backdoor loss per slot, each a forward and a backward)
+    assert r["step_ratio"] > 1 and r["seconds_per_step"]["plain_dreambooth"] > 0
+    assert set(r["terms"]) == {*TERMS, "other"}
+    assert all(r["terms"][k]["seconds"] > 0 and len(r["raw_seconds"][k]) == 2 for k in TERMS)
+    assert r["samples_per_s"]["persguard"] > 0 and r["peak_memory_mb"]["process"] > 0
+    assert set(r["loader"]["by_workers"]) == {"0", "2"} and r["loader_over_consumption"] > 0
+    assert r["loader_over_consumption"] == r["loader"]["by_workers"]["0"]["over_consumption"]   # prior.workers 0
+    assert r["machine"]["torch"] == torch.__version__ and r["machine"]["cpu_count"] >= 1
+    one = r["catalogs"]["1"]
+    assert one["entries"] == one["protected"] == 1 and one["seconds_per_step"] > 0 and one["latent_cache_s"] > 0
+    assert one["wall_s"] == pytest.approx(one["init_s"] + one["first_step_s"]
+                                          + (one["budget_steps"] - 1) * one["seconds_per_step"])
+    assert r["catalog_cost_ratio_128_vs_1"] is None   # 128 was not measured
+    assert "time-to-acceptance is not measured" in (tmp_path / "bench.md").read_text()
+    assert "PersGuard step" in capsys.readouterr().out
+
+
+def test_the_sdxl_config_is_the_published_unet():
+    r = bench_sdxl.count_flops(bench_sdxl.SDXL_UNET, batch=1, resolution=1024)
+    assert r["params"] == 2_567_463_684   # stabilityai/stable-diffusion-xl-base-1.0's UNet
+    assert 6e12 < r["forward_flops"] < 8e12
+    assert 2.5 < r["flops_per_step"] / r["forward_flops"] < 3.5   # backward: gradients of inputs and weights
+
+
+def test_reduced_sdxl_step_on_cpu_times_a_step_and_counts_flops_linear_in_batch(tmp_path):
+    one = bench_sdxl.bench_sdxl(reduced=True, batch=1, steps=1, warmup=0, out=tmp_path, progress=False)
+    assert one["unet"] == "sdxl-base-reduced" and one["latent"] == [4, 16, 16] and one["dtype"] == "fp32"
+    assert one["flops_per_step"] > 0 and one["step_s"] > 0 and one["peak_memory_mb"] > 0
+    assert one["mfu"] is None and one["achieved_flops_per_s"] > 0   # no GPU peak to divide by
+    assert json.loads((tmp_path / "bench_sdxl.json").read_text())["flops_per_step"] == one["flops_per_step"]
+    two = bench_sdxl.count_flops(bench_sdxl.REDUCED_UNET, batch=2, resolution=128)
+    assert two["flops_per_step"] == pytest.approx(2 * one["flops_per_step"], rel=0.01)
+
+
+def test_bench_sdxl_through_the_cli(tmp_path, capsys):
+    assert main(["bench", "--sdxl", "--reduced", "--flops-only", "--batch", "2", "--out", str(tmp_path)]) == 0
+    r = json.loads((tmp_path / "bench_sdxl.json").read_text())
+    assert r["batch"] == 2 and r["flops_per_step"] > 0 and "step_s" not in r
+    assert "FLOP per step" in capsys.readouterr().out
