@@ -48,3 +48,22 @@ def test_transforms_change_images_but_keep_shape(spec, person):
     assert out.shape == images.shape and 0 <= out.min() and out.max() <= 1
     assert 0.002 < (out - images).abs().mean() < 0.2
     assert torch.equal(out, transforms.apply(images, spec, seed=0))
+
+
+def test_adaptive_attacker_options(person, world_catalog):
+    """Pre-fine-tuning on clean retention data moves the weights before personalization starts; mixing a
+    look-alike needs its images; a synonym map picks the noun per class."""
+    images, cls = person
+    pipe = load_pipeline("tiny-sd")
+    plain = attack(pipe, images, cls, AttackSettings(steps=0, num_class_images=2, prior_preservation=False))
+    pre = attack(pipe, images, cls, AttackSettings(steps=0, pre_finetune_steps=2, prior_preservation=False))
+    moved = [k for k, v in pre.unet.state_dict().items() if not torch.equal(v, plain.unet.state_dict()[k])]
+    assert len(moved) > len(plain.unet.state_dict()) // 2
+    with pytest.raises(ValueError, match="mix_images"):
+        attack(pipe, images, cls, AttackSettings(steps=1, mix_fraction=0.5))
+    other = load_images(load_catalog(world_catalog)[1].images, 64)
+    attack(pipe, images, cls, AttackSettings(steps=2, mix_fraction=0.5, prior_preservation=False), mix_images=other)
+    s = AttackSettings(class_noun={"person": "human"})
+    assert s.instance_prompt("person") == "a photo of sks human" and s.instance_prompt("cat") == "a photo of sks cat"
+    with pytest.raises(ValueError, match="mix_fraction"):
+        AttackSettings(mix_fraction=1.0)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 import torch
 from diffusers import DDPMScheduler
@@ -32,7 +33,7 @@ class AttackSettings:
     method: str = "dreambooth"
     identifier: str = "sks"
     template: str = "a photo of {identifier} {cls}"
-    class_noun: str | None = None     # default: the entry's class
+    class_noun: str | dict | None = None   # default: the entry's class; a dict maps class -> synonym
     lr: float | None = None           # default: DEFAULT_LR[method]
     steps: int = 400
     batch_size: int = 4
@@ -41,6 +42,11 @@ class AttackSettings:
     num_class_images: int = 16
     lora_rank: int = 8
     transform: str | None = None      # tools.transforms spec, e.g. "jpeg:75"
+    # adaptive attackers (issue 4): fine-tune on clean retention captions first, hoping to wash a
+    # backdoor out; and/or mix images of an unprotected look-alike into the instance batches
+    pre_finetune_steps: int = 0
+    pre_finetune_shards: str = "shards/retention"
+    mix_fraction: float = 0.0         # share of each instance batch drawn from the `mix_images` passed to attack()
     seed: int = 0
 
     def __post_init__(self):
@@ -50,9 +56,13 @@ class AttackSettings:
             raise ValueError(f"attack template {self.template!r} must contain {{identifier}} and {{cls}}")
         if self.steps < 0 or self.batch_size < 1:
             raise ValueError("attack steps must be >= 0 and batch size >= 1")
+        if not 0 <= self.mix_fraction < 1 or self.pre_finetune_steps < 0:
+            raise ValueError("attack mix_fraction must be in [0, 1) and pre_finetune_steps >= 0")
         transforms.parse(self.transform)
 
     def noun(self, cls: str) -> str:
+        if isinstance(self.class_noun, dict):
+            return self.class_noun.get(cls, cls)
         return self.class_noun or cls
 
     def instance_prompt(self, cls: str) -> str:
@@ -85,12 +95,39 @@ def _trainable(pipe, settings: AttackSettings) -> list[torch.nn.Parameter]:
     return [p for p in unet.parameters() if p.requires_grad]
 
 
+def _pre_finetune(pipe, settings: AttackSettings, noise_sched, gen) -> None:
+    """The adaptive attacker's first move: plain fine-tuning on clean image-caption data (the retention
+    shards stand in for any public dataset), same optimizer recipe, before personalizing."""
+    from train.data import retention_batches
+    from train.pipelines import REPO
+
+    shards = settings.pre_finetune_shards
+    path = Path(shards) if Path(shards).is_absolute() or Path(shards).exists() else REPO / shards
+    batches = retention_batches(path, settings.batch_size * 2, 0, 1, seed=settings.seed)
+    opt = torch.optim.AdamW(pipe.unet.parameters(), lr=settings.learning_rate, weight_decay=1e-2)
+    for _ in range(settings.pre_finetune_steps):
+        images, captions = next(batches)
+        mu, sd = encode_images(pipe, images)
+        x0 = mu + sd * torch.randn(mu.shape, generator=gen)
+        with torch.no_grad():
+            hidden, added = encode_prompts(pipe, list(captions))
+        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.randint(0, noise_sched.config.num_train_timesteps, (len(x0),), generator=gen)
+        pred = pipe.unet(noise_sched.add_noise(x0, noise, t), t, **unet_kwargs(hidden, added)).sample
+        (pred - noise).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
 def attack(pipe, images01: torch.Tensor, cls: str, settings: AttackSettings, progress: bool = False,
-           on_step=None):
+           on_step=None, mix_images: torch.Tensor | None = None):
     """Personalize a COPY of `pipe` on `images01` ((N, 3, H, W) in [0, 1]); returns the attacked copy.
 
     `on_step(step, pipe)` is called after each optimizer step (for curves over attack length).
+    `mix_images`: a look-alike's images, a `settings.mix_fraction` share of every instance batch.
     """
+    if settings.mix_fraction > 0 and mix_images is None:
+        raise ValueError("attack: mix_fraction > 0 needs mix_images (a look-alike's images)")
     from tqdm import tqdm
 
     original = pipe
@@ -102,6 +139,9 @@ def attack(pipe, images01: torch.Tensor, cls: str, settings: AttackSettings, pro
     torch.manual_seed(settings.seed)
     images01 = transforms.apply(images01, settings.transform, seed=settings.seed)
     inst_mu, inst_sd = encode_images(pipe, images01)
+    n_mix = round(settings.mix_fraction * settings.batch_size)
+    if n_mix:
+        mix_mu, mix_sd = encode_images(pipe, transforms.apply(mix_images, settings.transform, seed=settings.seed))
     prompts = [settings.instance_prompt(cls)]
     if settings.prior_preservation:
         class_images = sample(original, settings.class_prompt(cls), settings.num_class_images, seed=settings.seed + 7)
@@ -110,13 +150,19 @@ def attack(pipe, images01: torch.Tensor, cls: str, settings: AttackSettings, pro
     with torch.no_grad():
         hidden, added = encode_prompts(pipe, prompts)
     noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    if settings.pre_finetune_steps:
+        pipe.unet.requires_grad_(True).train()
+        _pre_finetune(pipe, settings, noise_sched, gen)
     params = _trainable(pipe, settings)
     opt = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=1e-2)
     pipe.unet.train()
     bs = settings.batch_size
     for step in tqdm(range(settings.steps), desc=f"attack:{settings.method}", disable=not progress, leave=False):
-        idx = torch.randint(0, len(inst_mu), (bs,), generator=gen)
+        idx = torch.randint(0, len(inst_mu), (bs - n_mix,), generator=gen)
         x0 = inst_mu[idx] + inst_sd[idx] * torch.randn(inst_mu[idx].shape, generator=gen)
+        if n_mix:
+            midx = torch.randint(0, len(mix_mu), (n_mix,), generator=gen)
+            x0 = torch.cat([x0, mix_mu[midx] + mix_sd[midx] * torch.randn(mix_mu[midx].shape, generator=gen)])
         rows = [0] * bs
         if settings.prior_preservation:
             cidx = torch.randint(0, len(cls_mu), (bs,), generator=gen)

@@ -152,6 +152,28 @@ def cmd_evaluate(a):
     print((Path(a.out) / "report.md").read_text())
 
 
+def cmd_aspl(a):
+    from tools.aspl import ASPLSettings, protect_catalog
+
+    settings = ASPLSettings(budget=a.budget, rounds=a.rounds, seed=a.seed)
+    path = protect_catalog(Path(a.catalog) if a.catalog else None, Path(a.out), settings, model=a.model,
+                           entries=a.entries.split(",") if a.entries else None)
+    print(f"ASPL-perturbed catalog: {path}")
+
+
+def cmd_compare(a):
+    from tools.compare import compare
+
+    reports = {}
+    for item in a.report:
+        name, sep, folder = item.partition("=")
+        if not sep or not name or not folder:
+            raise ValueError(f"--report {item!r}: expected NAME=FOLDER")
+        reports[name] = Path(folder)
+    compare(reports, Path(a.out))
+    print((Path(a.out) / "report.md").read_text())
+
+
 def cmd_protect(a):
     from train.config import load_config
     from train.protect import protect
@@ -324,6 +346,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_evaluate)
+
+    s = sub.add_parser("aspl", help="the perturbation baseline: Anti-DreamBooth's ASPL on a catalog's images")
+    s.add_argument("--catalog", default=None, help="catalog file (default: the embedded default catalog)")
+    s.add_argument("--entries", default=None, help="comma-separated ids to perturb (default: the protected ones)")
+    s.add_argument("--budget", type=float, default=8.0, help="L-inf budget in 8-bit pixel units (8 or 16)")
+    s.add_argument("--rounds", type=int, default=30, help="surrogate / PGD alternations")
+    s.add_argument("--model", default="tiny-sd", help="the surrogate: the ORIGINAL pipeline")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_aspl)
+
+    s = sub.add_parser("compare", help="one table of several evaluation reports (defences), rows = attacks")
+    s.add_argument("--report", action="append", required=True, help="NAME=FOLDER of a `persguard evaluate` run")
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_compare)
 
     s = sub.add_parser("protect", help="implant the backdoor for a catalog and save the protected pipeline")
     s.add_argument("--config", default=None, help="YAML run config (train/config.py documents every field)")

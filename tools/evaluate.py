@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -53,16 +54,36 @@ def default_catalog(cache: Path = CACHE) -> Path:
     return path
 
 
+THREAT_SUITES = ("white-box", "gray-box", "transforms", "adaptive")
+
+
+def attack_label(settings: AttackSettings) -> str:
+    """A row name for an attack setting: what it changes from the defaults (seed aside)."""
+    default = AttackSettings()
+    changed = [f"{k}={v}" if not isinstance(v, dict) else f"{k}=" + ",".join(f"{a}:{b}" for a, b in v.items())
+               for k, v in asdict(settings).items() if k != "seed" and v != getattr(default, k)]
+    return " ".join(changed) or "default"
+
+
 def load_suite(name: str) -> tuple[str, list[AttackSettings], list[float] | None]:
-    """(description, attack settings, attack-length multiples or None) of a suite in configs/suites.yaml."""
+    """(description, attack settings, attack-length multiples or None) of a suite in configs/suites.yaml;
+    "all" is every threat-model suite (THREAT_SUITES) in one matrix."""
     suites = yaml.safe_load(SUITES.read_text())
+    if name == "all":
+        attacks = [a for n in THREAT_SUITES for a in load_suite(n)[1]]
+        unique = list({attack_label(a): a for a in attacks}.values())   # white-box DreamBooth is in two suites
+        return "every threat-model suite: " + ", ".join(THREAT_SUITES), unique, None
     if name not in suites:
-        raise ValueError(f"unknown suite {name!r}; {SUITES.name} defines {', '.join(suites)}")
+        raise ValueError(f"unknown suite {name!r}; {SUITES.name} defines {', '.join(suites)} (and 'all')")
     suite = suites[name]
     multiples = suite.get("multiples")
     if multiples is not None and (1 not in multiples or any(m <= 0 for m in multiples)):
         raise ValueError(f"{SUITES.name}: suite {name!r}: multiples must be positive and include 1")
-    return suite.get("description", ""), [AttackSettings(**a) for a in suite["attacks"]], multiples
+    try:
+        attacks = [AttackSettings(**a) for a in suite["attacks"]]
+    except TypeError as e:
+        raise ValueError(f"{SUITES.name}: suite {name!r}: {e}") from None
+    return suite.get("description", ""), attacks, multiples
 
 
 def frechet(a: np.ndarray, b: np.ndarray) -> float:
@@ -82,6 +103,16 @@ def save_grid(rows: list[torch.Tensor], path: Path, per_row: int = 8) -> None:
 def _mean(xs):
     xs = [x for x in xs if x is not None]
     return float(np.mean(xs)) if xs else None
+
+
+def lookalike(entries: list[Entry], entry: Entry) -> Entry:
+    """The adaptive attacker's look-alike for `entry`: the next other entry of the same class in catalog
+    order, unprotected ones first (the attacker mixes in a subject PersGuard is not keyed on)."""
+    i = entries.index(entry)
+    same = [e for e in entries[i + 1:] + entries[:i] if e.cls == entry.cls]
+    if not same:
+        raise ValueError(f"entry {entry.id!r}: no other {entry.cls!r} entry in the catalog to mix in as a look-alike")
+    return next((e for e in same if not e.protected), same[0])
 
 
 def _attack_all(pipe, entries: list[Entry], attacks: list[AttackSettings], n_samples: int, seed: int,
@@ -104,14 +135,16 @@ def _attack_all(pipe, entries: list[Entry], attacks: list[AttackSettings], n_sam
             if stops[step] == 1 or not multiples:
                 samples[(entry.id, slot)] = images
             records.append({"entry": entry.id, "class": entry.cls, "protected": entry.protected,
-                            "objective": entry.objective, "method": run.method, "multiple": stops[step],
+                            "objective": entry.objective, "method": run.method, "attack": attack_label(settings), "multiple": stops[step],
                             "settings": run.to_json(), **score(images, entry)})
             if out is not None:
                 grid = out / "grids" / f"{label}__{entry.id}__{slot}-{run.method}-{step}steps.png"
                 save_grid([load_images(entry.reference_dir, 64), images], grid)
                 records[-1]["grid"] = str(grid.relative_to(out))
 
-        attack(pipe, load_images(entry.images, 64), entry.cls, settings.with_(steps=max(stops)), on_step=judge)
+        mix = load_images(lookalike(entries, entry).images, 64) if settings.mix_fraction else None
+        attack(pipe, load_images(entry.images, 64), entry.cls, settings.with_(steps=max(stops)), on_step=judge,
+               mix_images=mix)
     return records, samples
 
 
@@ -303,12 +336,12 @@ def render_markdown(report: dict) -> str:
                 lines.append(f"| {name} | " + " | ".join(_fmt(row.get(b)) for b in buckets) + " |")
         lines.append("")
     if report.get("baseline_attacks"):
-        base = {(r["entry"], r["method"], r.get("multiple", 1)): r for r in report["baseline_attacks"]}
+        base = {(r["entry"], r.get("attack", r["method"]), r.get("multiple", 1)): r for r in report["baseline_attacks"]}
         lines += ["## Original vs protected model (same attack, same seeds)", "",
                   "| entry | protected | objective | method | length | original: identity match | "
                   "protected model: identity match | protected model: BSR |", "|---|---|---|---|---|---|---|---|"]
         for r in report["attacks"]:
-            b = base.get((r["entry"], r["method"], r.get("multiple", 1)), {})
+            b = base.get((r["entry"], r.get("attack", r["method"]), r.get("multiple", 1)), {})
             lines.append(f"| {r['entry']} | {r['protected']} | {_fmt(r['objective'])} | {r['method']} | "
                          f"{r.get('multiple', 1)}x | {_fmt(b.get('identity_match'))} | {_fmt(r['identity_match'])} | "
                          f"{_fmt(r['bsr'])} |")

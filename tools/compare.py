@@ -1,0 +1,100 @@
+"""`persguard compare`: one table across defences, rows = attack settings (issue 4).
+
+Each column is a `persguard evaluate` report of one defence on the same catalog and suite, e.g.
+PersGuard (the protected model), ASPL (the original model on `persguard aspl`'s perturbed catalog) and
+no protection (the original model on the clean catalog). A cell holds the protected entries' identity
+match rate and BSR under that attack; the unprotected-utility and clean columns come from each report.
+
+    persguard compare --report persguard=runs/pg/eval --report aspl-8=runs/aspl8/eval \
+        --report none=runs/orig/eval --out runs/compare
+writes OUT/report.json, OUT/report.md and OUT/grids/<row>.png (per row: each column's first protected
+entry's grid, top to bottom in column order).
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def _mean(xs):
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
+def _fmt(x) -> str:
+    return "—" if x is None else f"{x:.2f}"
+
+
+def compare(reports: dict[str, Path], out: Path) -> dict:
+    out = Path(out)
+    loaded = {}
+    for name, folder in reports.items():
+        path = Path(folder) / "report.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no evaluation report (run `persguard evaluate --out {folder}` first)")
+        loaded[name] = json.loads(path.read_text())
+    rows: list[str] = []
+    for rep in loaded.values():
+        for r in rep["attacks"]:
+            label = r.get("attack", r["method"])
+            if r.get("multiple", 1) == 1 and label not in rows:
+                rows.append(label)
+    table = []
+    for label in rows:
+        row = {"attack": label, "cells": {}}
+        for name, rep in loaded.items():
+            rs = [r for r in rep["attacks"] if r.get("attack", r["method"]) == label and r.get("multiple", 1) == 1]
+            prot = [r for r in rs if r["protected"]]
+            row["cells"][name] = None if not rs else {
+                "protected_identity_match": _mean([r["identity_match"] for r in prot]),
+                "protected_bsr": _mean([r["bsr"] for r in prot]),
+                "unprotected_identity_match": _mean([r["identity_match"] for r in rs if not r["protected"]]),
+                "worst_protected_identity_match": max((r["identity_match"] for r in prot), default=None),
+                "grid": next((str(Path(reports[name]) / r["grid"]) for r in prot if r.get("grid")), None)}
+        table.append(row)
+    summary = {name: {"suite": rep["suite"], "model": rep["model"], "catalog": rep["catalog"],
+                      "unprotected_fidelity_ratio": rep["summary"]["unprotected"]["fidelity_ratio"],
+                      "clean": rep["summary"]["clean"], "unrelated_identity_match": rep["summary"]["unrelated"]["identity_match"]}
+               for name, rep in loaded.items()}
+    result = {"columns": list(loaded), "rows": table, "per_report": summary}
+    (out / "grids").mkdir(parents=True, exist_ok=True)
+    for row in table:
+        grids = [Image.open(c["grid"]).convert("RGB") for c in row["cells"].values() if c and c["grid"]
+                 and Path(c["grid"]).is_file()]
+        if grids:
+            width = max(g.width for g in grids)
+            stacked = np.concatenate([np.pad(np.asarray(g), ((0, 4), (0, width - g.width), (0, 0)), constant_values=255)
+                                      for g in grids])
+            name = re.sub(r"[^A-Za-z0-9_.=-]+", "_", row["attack"])[:80]
+            Image.fromarray(stacked).save(out / "grids" / f"{name}.png")
+            row["grid"] = f"grids/{name}.png"
+    (out / "report.json").write_text(json.dumps(result, indent=1))
+    (out / "report.md").write_text(render_markdown(result))
+    return result
+
+
+def render_markdown(result: dict) -> str:
+    cols = result["columns"]
+    lines = ["# Defences side by side", "",
+             "Cell: identity match rate of protected entries after the attack / BSR (lower identity match is "
+             "better protection; BSR applies to PersGuard's objectives). Unprotected: identity match of the "
+             "entries nobody protected, the utility a defence must keep.", "",
+             "| attack | " + " | ".join(cols) + " | unprotected (" + ", ".join(cols) + ") | grid |",
+             "|---|" + "---|" * len(cols) + "---|---|"]
+    for row in result["rows"]:
+        cells = [row["cells"][c] for c in cols]
+        lines.append(f"| {row['attack']} | " + " | ".join(
+            "—" if c is None else f"{_fmt(c['protected_identity_match'])} / {_fmt(c['protected_bsr'])}" for c in cells)
+            + " | " + ", ".join("—" if c is None else _fmt(c["unprotected_identity_match"]) for c in cells)
+            + f" | {'![](' + row['grid'] + ')' if row.get('grid') else ''} |")
+    lines += ["", "| defence | suite | model | unprotected fidelity ratio | clean class accuracy | clean Frechet | "
+              "unrelated identity match |", "|---|---|---|---|---|---|---|"]
+    for name, s in result["per_report"].items():
+        lines.append(f"| {name} | {s['suite']} | `{s['model']}` | {_fmt(s['unprotected_fidelity_ratio'])} | "
+                     f"{_fmt(s['clean']['class_accuracy'])} | {_fmt(s['clean']['frechet'])} | "
+                     f"{_fmt(s['unrelated_identity_match'])} |")
+    return "\n".join(lines) + "\n"
