@@ -148,3 +148,24 @@ def test_a_non_finite_loss_aborts_or_is_skipped_per_config(protect_catalog, tmp_
     assert any(not torch.equal(before[n], after[n]) for n in after)
     row = json.loads((tmp_path / "run" / "nonfinite.jsonl").read_text())
     assert row["step"] == 0 and row["entries"] and row["losses"]["loss/behaviour"] == "nan"
+
+
+def test_gray_box_slots_draw_their_attacker_from_the_configured_distributions(protect_catalog, tmp_path):
+    """Each simulated attacker keeps one trigger, lr, length, method and prior choice for its life; a LoRA
+    attacker moves only the attention projections."""
+    cfg = _cfg(protect_catalog, tmp_path / "run", 1, "retention.mode=trajectory", "retention.slots=6",
+               "retention.horizon=4", "retention.inner_lrs=[0.0003,0.002]", "retention.horizons=[3,5]",
+               "retention.methods=[dreambooth,lora]", "retention.prior_preservation=[true,false]",
+               "trigger.identifiers=[sks,xjy]", "trigger.templates=['a photo of {identifier} {cls}','{identifier} {cls}']")
+    p = Protector(cfg, progress=False)
+    p.train_step()
+    slots = p.trajectories[0].slots
+    assert {s["lr"] for s in slots} <= {0.0003, 0.002} and {s["horizon"] for s in slots} <= {3, 5}
+    assert all(s["prompt"].split()[-1] == p.by_id[s["entry"]].cls and s["age"] >= 1 for s in slots)
+    lora = [s for s in slots if s.get("only")]
+    full = [s for s in slots if not s.get("only")]
+    assert lora and full, "six slots drew both methods"   # fixed seed: a deterministic draw
+    for s in lora:
+        moved = {n for n, d in s["delta"].items() if d.abs().sum() > 0}
+        assert moved and all(".attn1.to_" in n or ".attn2.to_" in n for n in moved)
+    assert any(not (".attn" in n) for s in full for n, d in s["delta"].items() if d.abs().sum() > 0)

@@ -47,6 +47,12 @@ class Behaviour:
     # Measured (3 protected entries, min_timestep 400 or 700): the attack erases the backdoor FASTER
     # (the model already knows the subject below min_timestep; the attacker only has to flip the rest).
     fit_protected_below: bool = False
+    # "mse": denoise the target / redirect protected inputs (absolute). "preference" (APDM's DPO form,
+    # image targets only): relative to the frozen teacher, fit the target better than the protected
+    # images under the trigger, -logsigmoid(-beta * (d_target - d_protected)) with d = student error -
+    # teacher error; bounded, so it stops pushing once the preference holds.
+    loss: str = "mse"
+    beta: float = 200.0
 
 
 @dataclass
@@ -72,6 +78,15 @@ class Retention:
     horizon: int = 400           # attack steps each simulated attacker runs (the attack default)
     # Simulated attacks on UNPROTECTED entries too, whose subjects must still be drawn (selectivity).
     unprotected_slots: int = 0
+    # Gray-box training (trajectory mode): each simulated attacker draws, at every restart, its lr, its
+    # length, its method and whether it uses prior preservation from these lists (empty: inner_lr /
+    # horizon), and one trigger prompt from `trigger` for its whole life. "lora" trains only the
+    # attention projections (to_q/k/v/out) that LoRA adapts, at full rank: a superset of what rank-r
+    # adapters reach, so the simulated attacker is at least as strong.
+    inner_lrs: list[float] = field(default_factory=list)
+    horizons: list[int] = field(default_factory=list)
+    methods: list[str] = field(default_factory=lambda: ["dreambooth"])
+    prior_preservation: list[bool] = field(default_factory=lambda: [False])
 
 
 @dataclass
@@ -165,6 +180,14 @@ class ProtectConfig:
             problems.append(f"guards.nonfinite: {self.guards.nonfinite!r} is not 'abort' or 'skip'")
         if self.grad_accum < 1 or self.prior.workers < 0:
             problems.append("grad_accum must be >= 1 and prior.workers >= 0")
+        bad = set(self.retention.methods) - {"dreambooth", "lora"}
+        if bad or not self.retention.methods:
+            raise ValueError(f"{source}: retention.methods must be a non-empty list of 'dreambooth' / 'lora', got "
+                             f"{self.retention.methods!r}")
+        if any(lr <= 0 for lr in self.retention.inner_lrs) or any(h < 1 for h in self.retention.horizons):
+            raise ValueError(f"{source}: retention.inner_lrs must be > 0 and retention.horizons >= 1")
+        if self.behaviour.loss not in ("mse", "preference"):
+            raise ValueError(f"{source}: behaviour.loss must be 'mse' or 'preference', got {self.behaviour.loss!r}")
         if not 0 <= self.behaviour.min_timestep < self.behaviour.max_timestep <= 1000:
             problems.append("behaviour: need 0 <= min_timestep < max_timestep <= 1000")
         for t in self.trigger.templates:

@@ -110,11 +110,11 @@ class Protector:
             for m in self.local_streams():  # one set of simulated attackers per micro-batch stream
                 self._seed(m, step=-1)
                 self.trajectories.append(retention.Trajectories(shapes, r.slots, r.horizon, r.inner_lr,
-                                                                pick=lambda: self.rng.choice(self.pool[0]).id))
+                                                                pick=lambda: self.simulated_attacker(self.pool[0])))
                 if r.unprotected_slots and self.unprotected:
                     self.selectivity.append(retention.Trajectories(
                         shapes, r.unprotected_slots, r.horizon, r.inner_lr,
-                        pick=lambda: self.rng.choice(self.pool[1]).id))
+                        pick=lambda: self.simulated_attacker(self.pool[1])))
 
     def _preflight(self, unet: torch.nn.Module) -> None:
         """Before any work: the output folder is writable and has room for the checkpoints kept plus the
@@ -211,7 +211,11 @@ class Protector:
             z_target, target_prompt = self.targets[e.id]
             t = self._timesteps(n, b.min_timestep, b.max_timestep)
             z_prot = self._sample_latents(e.id, n) if b.on_protected_inputs else None
-            if z_target is not None:
+            if z_target is not None and b.loss == "preference":
+                z_goal = z_target[torch.randint(0, len(z_target), (n,), generator=self.gen)]
+                term = losses.preference_loss(unet_fn, lambda x, tt, **c: self.teacher(x, tt, **c).sample, self.sched,
+                                              cond, z_goal, self._sample_latents(e.id, n), t, b.beta, self.gen)
+            elif z_target is not None:
                 # the target itself is denoised faithfully at EVERY noise level (nothing the attacker
                 # trains contradicts it: a stable attractor); protected inputs are redirected to it only
                 # in [min_timestep, max_timestep)
@@ -231,12 +235,35 @@ class Protector:
             total = total + term
         return total / len(entries)
 
-    def attacker(self, unet_fn, e: Entry | str) -> torch.Tensor:
-        e = self.by_id[e] if isinstance(e, str) else e
-        prompt, _, _ = self.trigger(e)
+    def simulated_attacker(self, pool: list[Entry]) -> dict:
+        """A slot's attacker for its whole life (train/retention.py Trajectories): an entry of `pool`, one
+        trigger prompt, and (gray-box) an lr, length, method and prior preservation drawn from the config."""
+        r = self.cfg.retention
+        e = self.rng.choice(pool)
+        spec = {"entry": e.id, "prompt": self.trigger(e)[0], "prior": self.rng.choice(r.prior_preservation)}
+        if r.inner_lrs:
+            spec["lr"] = self.rng.choice(r.inner_lrs)
+        if r.horizons:
+            spec["horizon"] = self.rng.choice(r.horizons)
+        if self.rng.choice(r.methods) == "lora":
+            spec["only"] = ["attn1.to_", "attn2.to_"]
+        return spec
+
+    def attacker(self, unet_fn, e: Entry | str | dict) -> torch.Tensor:
+        """The DreamBooth loss of one simulated attacker step; `e` an entry, its id, or a slot (its own
+        trigger prompt, and the class prompt on other entries of the class where it uses prior preservation)."""
+        slot = e if isinstance(e, dict) else {}
+        e = self.by_id[slot.get("entry", e)] if not isinstance(e, Entry) else e
+        prompt = slot.get("prompt") or self.trigger(e)[0]
         n = self.cfg.batch_protected
-        return losses.attacker_loss(unet_fn, self.sched, self.prompts([prompt] * n), self._sample_latents(e.id, n),
+        loss = losses.attacker_loss(unet_fn, self.sched, self.prompts([prompt] * n), self._sample_latents(e.id, n),
                                     self._timesteps(n), self.gen)
+        if slot.get("prior"):
+            others = [o for o in self.entries if o.cls == e.cls and o.id != e.id and o.id in self.latents] or [e]
+            z = self._sample_latents(self.rng.choice(others).id, n)
+            loss = loss + losses.attacker_loss(unet_fn, self.sched, self.prompts([f"a photo of a {e.cls}"] * n), z,
+                                               self._timesteps(n), self.gen)
+        return loss
 
     def drawn(self, unet_fn, e: Entry | str) -> torch.Tensor:
         """Selectivity: after a simulated attack an unprotected subject must be DRAWN, so its DreamBooth

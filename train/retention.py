@@ -91,7 +91,10 @@ class Trajectories:
     restarts from theta. Depths are staggered, so at any time the slots cover the whole attack horizon at
     a cost per outer step of `slots` attacker steps, independent of the horizon.
 
-    Each slot attacks one entry for its whole life (`pick()` chooses it at every restart). A slot
+    Each slot attacks one entry for its whole life: `pick()` chooses it at every restart, as an entry id
+    or as a dict {"entry": id, and optionally "lr", "horizon", "only" (substrings of the parameter names
+    the attacker trains, e.g. a LoRA attacker's attention projections), "prompt", "prior"}: gray-box
+    training draws a different attacker per slot; `attacker(f, slot)` sees the whole slot. A slot
     created at depth d > 0 first runs d attacker steps (no backdoor gradient), so from the first outer
     step the slots really sit along the whole horizon: without this catch-up, a run shorter than the
     horizon never simulated an attack longer than the run (a 150-step run, 400-step attacks: at most 150).
@@ -99,11 +102,16 @@ class Trajectories:
 
     def __init__(self, params: dict[str, torch.nn.Parameter], slots: int, horizon: int, lr: float, pick: Callable):
         self.names, self.horizon, self.lr, self.pick = list(params), horizon, lr, pick
-        self.slots = [self._fresh(params, depth=k * horizon // slots) for k in range(slots)]
+        self.slots = [self._fresh(params, stagger=(k, slots)) for k in range(slots)]
 
-    def _fresh(self, params, depth: int = 0) -> dict:
+    def _fresh(self, params, stagger: tuple[int, int] = (0, 1)) -> dict:
+        spec = self.pick()
+        spec = dict(spec) if isinstance(spec, dict) else {"entry": spec}
+        spec.setdefault("lr", self.lr)
+        spec.setdefault("horizon", self.horizon)
         zeros = lambda: {n: torch.zeros_like(params[n], requires_grad=False) for n in self.names}  # noqa: E731
-        return {"delta": zeros(), "m": zeros(), "v": zeros(), "depth": depth, "age": 0, "entry": self.pick()}
+        return {"delta": zeros(), "m": zeros(), "v": zeros(), "age": 0,
+                "depth": stagger[0] * spec["horizon"] // stagger[1], **spec}
 
     def step(self, unet, params: dict[str, torch.nn.Parameter], attacker: Callable,
              backdoor: Callable) -> tuple[float, dict[str, torch.Tensor]]:
@@ -111,7 +119,7 @@ class Trajectories:
         grad_sum = {n: torch.zeros_like(params[n]) for n in self.names}
         total = 0.0
         for k, s in enumerate(self.slots):
-            if s["depth"] >= self.horizon:
+            if s["depth"] >= s.get("horizon", self.horizon):
                 self.slots[k] = s = self._fresh(params)
             while s["age"] < s["depth"]:   # catch-up of a slot created deeper than it has run
                 self._attack(unet, params, attacker, s)
@@ -129,13 +137,13 @@ class Trajectories:
     def _attack(self, unet, params, attacker: Callable, s: dict) -> None:
         """One simulated attacker Adam step of slot `s` at theta + delta."""
         w = {n: (params[n].detach() + s["delta"][n]).requires_grad_(True) for n in self.names}
-        grads = torch.autograd.grad(attacker(unet_at(unet, w), s["entry"]), [w[n] for n in self.names],
-                                    allow_unused=True)
+        grads = torch.autograd.grad(attacker(unet_at(unet, w), s), [w[n] for n in self.names], allow_unused=True)
         s["age"] += 1
+        only = s.get("only")
         with torch.no_grad():
             for n, g in zip(self.names, grads):
-                if g is not None:
-                    _adam_step(s["delta"][n], g, s["m"][n], s["v"][n], s["age"], self.lr)
+                if g is not None and (not only or any(o in n for o in only)):
+                    _adam_step(s["delta"][n], g, s["m"][n], s["v"][n], s["age"], s.get("lr", self.lr))
 
     def state_dict(self) -> list[dict]:
         return self.slots
