@@ -88,6 +88,20 @@ def x0_loss(unet, scheduler, cond: dict, z0: torch.Tensor, t: torch.Tensor, gen=
     return (weight * err).mean()
 
 
+def preference_loss(unet, teacher, scheduler, cond: dict, z_target: torch.Tensor, z_subject: torch.Tensor,
+                    t: torch.Tensor, beta: float, gen=None) -> torch.Tensor:
+    """APDM's protection loss (DPO form): relative to the frozen `teacher`, the model's denoising error on
+    the target must drop further than on the subject, -logsigmoid(-beta * (d_target - d_subject)) with
+    d = student error - teacher error per row (same t for both rows of a pair). Bounded: once the
+    preference holds it stops pushing, unlike the absolute noise-prediction loss."""
+    def gap(z0):
+        x_t, noise = noised(scheduler, z0, t, gen)
+        with torch.no_grad():
+            ref = (teacher(x_t, t, **cond).float() - noise.float()).pow(2).flatten(1).mean(1)
+        return (unet(x_t, t, **cond).float() - noise.float()).pow(2).flatten(1).mean(1) - ref
+    return -torch.nn.functional.logsigmoid(-beta * (gap(z_target) - gap(z_subject))).mean()
+
+
 def prior_loss(unet, teacher, scheduler, cond: dict, z0: torch.Tensor, t: torch.Tensor, gen=None) -> torch.Tensor:
     x_t, _ = noised(scheduler, z0, t, gen)
     with torch.no_grad():
