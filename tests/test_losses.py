@@ -1,4 +1,5 @@
 """The PersGuard losses and the simulated attacker, on a small random UNet."""
+import math
 import pytest
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
@@ -145,3 +146,20 @@ def test_x0_loss_weights_high_noise_errors_up_to_the_cap(setup):
     high = losses.x0_loss(off, sched, cond, z, torch.tensor([990, 990]), torch.Generator().manual_seed(0))
     assert high.item() > 100 * low.item()
     assert high.item() < 10.0 * 1.5
+
+
+def test_preference_loss_is_log2_at_the_teacher_and_falls_when_the_target_is_preferred(setup):
+    unet, sched, cond = setup
+    z_target, z_subject = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    t = torch.tensor([300, 700])
+    teacher = lambda x, tt, **c: torch.zeros_like(x)  # noqa: E731
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    same = losses.preference_loss(teacher, teacher, sched, cond, z_target, z_subject, t, beta=10.0, gen=gen())
+    assert abs(same.item() - math.log(2)) < 1e-6
+    # a student that denoises the TARGET exactly (and the subject as badly as the teacher) prefers it
+    good = lambda x, tt, **c: losses.eps_towards(sched, x, z_target, tt)  # noqa: E731
+    pref = losses.preference_loss(good, teacher, sched, cond, z_target, z_subject, t, beta=10.0, gen=gen())
+    # ... and one that denoises the SUBJECT exactly prefers the wrong thing
+    bad = lambda x, tt, **c: losses.eps_towards(sched, x, z_subject, tt)  # noqa: E731
+    wrong = losses.preference_loss(bad, teacher, sched, cond, z_target, z_subject, t, beta=10.0, gen=gen())
+    assert pref.item() < math.log(2) < wrong.item()
