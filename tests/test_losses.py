@@ -163,3 +163,21 @@ def test_preference_loss_is_log2_at_the_teacher_and_falls_when_the_target_is_pre
     bad = lambda x, tt, **c: losses.eps_towards(sched, x, z_subject, tt)  # noqa: E731
     wrong = losses.preference_loss(bad, teacher, sched, cond, z_target, z_subject, t, beta=10.0, gen=gen())
     assert pref.item() < math.log(2) < wrong.item()
+
+
+def test_trajectories_round_robin_advances_only_some_slots(setup):
+    unet, sched, cond = setup
+    params = dict(unet.named_parameters())
+    attacker, backdoor = _losses(unet, sched, cond)
+    traj = retention.Trajectories(params, slots=3, horizon=30, lr=1e-2, pick=lambda: "entry", per_step=1)
+    depths = [s["depth"] for s in traj.slots]
+    assert depths == [0, 10, 20]
+    for k in range(3):
+        traj.step(unet, params, lambda f, e: attacker(f), lambda f, e: backdoor(f))
+        now = [s["depth"] for s in traj.slots]
+        assert [b - a for a, b in zip(depths, now)] == [int(i == k) for i in range(3)]
+        depths = now
+    state = traj.state_dict()
+    again = retention.Trajectories(params, slots=3, horizon=30, lr=1e-2, pick=lambda: "entry", per_step=1)
+    again.load_state_dict(state)
+    assert again.cursor == traj.cursor == 0

@@ -78,6 +78,10 @@ class Retention:
     horizon: int = 400           # attack steps each simulated attacker runs (the attack default)
     # Simulated attacks on UNPROTECTED entries too, whose subjects must still be drawn (selectivity).
     unprotected_slots: int = 0
+    # Slots advanced per outer step, round robin (0: all). Cuts the step's cost (persguard bench) by
+    # slots / slots_per_step for the retention and selectivity terms; each displacement then ages one
+    # attack step every slots / slots_per_step outer steps.
+    slots_per_step: int = 0
     # Gray-box training (trajectory mode): each simulated attacker draws, at every restart, its lr, its
     # length, its method and whether it uses prior preservation from these lists (empty: inner_lr /
     # horizon), and one trigger prompt from `trigger` for its whole life. "lora" trains only the
@@ -165,8 +169,8 @@ class ProtectConfig:
             problems.append(f"attention: {self.attention!r} is not one of {', '.join(BACKENDS)}")
         if self.retention.mode not in ("trajectory", "restart"):
             problems.append(f"retention.mode: {self.retention.mode!r} is not 'trajectory' or 'restart'")
-        if self.retention.slots < 1 or self.retention.horizon < 1:
-            problems.append("retention.slots and retention.horizon must be >= 1")
+        if self.retention.slots < 1 or self.retention.horizon < 1 or self.retention.slots_per_step < 0:
+            problems.append("retention.slots and retention.horizon must be >= 1, retention.slots_per_step >= 0")
         if self.retention.order not in ("first", "second"):
             problems.append(f"retention.order: {self.retention.order!r} is not 'first' or 'second'")
         if self.deepspeed and self.retention.mode == "restart" and self.retention.order == "second":

@@ -110,11 +110,12 @@ class Protector:
             for m in self.local_streams():  # one set of simulated attackers per micro-batch stream
                 self._seed(m, step=-1)
                 self.trajectories.append(retention.Trajectories(shapes, r.slots, r.horizon, r.inner_lr,
-                                                                pick=lambda: self.simulated_attacker(self.pool[0])))
+                                                                pick=lambda: self.simulated_attacker(self.pool[0]),
+                                                                per_step=r.slots_per_step))
                 if r.unprotected_slots and self.unprotected:
                     self.selectivity.append(retention.Trajectories(
                         shapes, r.unprotected_slots, r.horizon, r.inner_lr,
-                        pick=lambda: self.simulated_attacker(self.pool[1])))
+                        pick=lambda: self.simulated_attacker(self.pool[1]), per_step=r.slots_per_step))
 
     def _preflight(self, unet: torch.nn.Module) -> None:
         """Before any work: the output folder is writable and has room for the checkpoints kept plus the

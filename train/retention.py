@@ -89,7 +89,9 @@ class Trajectories:
     takes one attacker Adam step at theta + delta_k (the attacker's own lr), the backdoor loss's gradient
     is taken at the new theta + delta_k and applied at theta, and a slot that reaches `horizon` steps
     restarts from theta. Depths are staggered, so at any time the slots cover the whole attack horizon at
-    a cost per outer step of `slots` attacker steps, independent of the horizon.
+    a cost per outer step of `slots` attacker steps, independent of the horizon. With `per_step` = k > 0
+    only k slots (round robin) advance and give a gradient per outer step: 1/k-th of the cost, at the
+    price of displacements computed at older weights (issue 5: the PersGuard step over a plain one).
 
     Each slot attacks one entry for its whole life: `pick()` chooses it at every restart, as an entry id
     or as a dict {"entry": id, and optionally "lr", "horizon", "only" (substrings of the parameter names
@@ -100,9 +102,11 @@ class Trajectories:
     horizon never simulated an attack longer than the run (a 150-step run, 400-step attacks: at most 150).
     """
 
-    def __init__(self, params: dict[str, torch.nn.Parameter], slots: int, horizon: int, lr: float, pick: Callable):
+    def __init__(self, params: dict[str, torch.nn.Parameter], slots: int, horizon: int, lr: float, pick: Callable,
+                 per_step: int = 0):
         self.names, self.horizon, self.lr, self.pick = list(params), horizon, lr, pick
         self.slots = [self._fresh(params, stagger=(k, slots)) for k in range(slots)]
+        self.per_step, self.cursor = per_step, 0
 
     def _fresh(self, params, stagger: tuple[int, int] = (0, 1)) -> dict:
         spec = self.pick()
@@ -118,7 +122,13 @@ class Trajectories:
         """`attacker(f, entry)` / `backdoor(f, entry)`; returns (mean backdoor loss, summed gradient / slots)."""
         grad_sum = {n: torch.zeros_like(params[n]) for n in self.names}
         total = 0.0
-        for k, s in enumerate(self.slots):
+        n_slots = len(self.slots)
+        active = range(n_slots)
+        if 0 < self.per_step < n_slots:   # round robin: the others wait (their displacements go stale)
+            active = [(self.cursor + i) % n_slots for i in range(self.per_step)]
+            self.cursor = (self.cursor + self.per_step) % n_slots
+        for k in active:
+            s = self.slots[k]
             if s["depth"] >= s.get("horizon", self.horizon):
                 self.slots[k] = s = self._fresh(params)
             while s["age"] < s["depth"]:   # catch-up of a slot created deeper than it has run
@@ -130,8 +140,8 @@ class Trajectories:
             grads = torch.autograd.grad(loss, [w[n] for n in self.names], allow_unused=True)
             for n, g in zip(self.names, grads):
                 if g is not None:
-                    grad_sum[n] += g / len(self.slots)
-            total += loss.item() / len(self.slots)
+                    grad_sum[n] += g / len(active)
+            total += loss.item() / len(active)
         return total, grad_sum
 
     def _attack(self, unet, params, attacker: Callable, s: dict) -> None:
@@ -145,8 +155,9 @@ class Trajectories:
                 if g is not None and (not only or any(o in n for o in only)):
                     _adam_step(s["delta"][n], g, s["m"][n], s["v"][n], s["age"], s.get("lr", self.lr))
 
-    def state_dict(self) -> list[dict]:
-        return self.slots
+    def state_dict(self) -> dict:
+        return {"slots": self.slots, "cursor": self.cursor}
 
-    def load_state_dict(self, slots: list[dict]) -> None:
-        self.slots = slots
+    def load_state_dict(self, state: dict | list[dict]) -> None:
+        state = state if isinstance(state, dict) else {"slots": state, "cursor": 0}   # older checkpoints
+        self.slots, self.cursor = state["slots"], state["cursor"]
