@@ -19,14 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-
-def _mean(xs):
-    xs = [x for x in xs if x is not None]
-    return sum(xs) / len(xs) if xs else None
-
-
-def _fmt(x) -> str:
-    return "—" if x is None else f"{x:.2f}"
+from tools.evaluate import _fmt, _mean
 
 
 def compare(reports: dict[str, Path], out: Path) -> dict:
