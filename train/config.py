@@ -82,6 +82,10 @@ class Retention:
     # slots / slots_per_step for the retention and selectivity terms; each displacement then ages one
     # attack step every slots / slots_per_step outer steps.
     slots_per_step: int = 0
+    # Random-perturbation retention (issue 7 experiment): the backdoor loss is also taken at theta plus
+    # Gaussian noise of this size relative to each weight tensor's norm (0: off). Measured: three quarters
+    # of a real attack's displacement is its own random walk (tools/exp_displacement.py).
+    noise_scale: float = 0.0
     # Gray-box training (trajectory mode): each simulated attacker draws, at every restart, its lr, its
     # length, its method and whether it uses prior preservation from these lists (empty: inner_lr /
     # horizon), and one trigger prompt from `trigger` for its whole life. "lora" trains only the

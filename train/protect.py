@@ -140,7 +140,8 @@ class Protector:
     @property
     def simulates_attacks(self) -> bool:
         r = self.cfg.retention
-        return bool(self.trajectories) or (r.enabled and self.cfg.weights.retention > 0 and r.order == "first")
+        return bool(self.trajectories) or (r.enabled and self.cfg.weights.retention > 0 and r.order == "first") \
+            or r.noise_scale > 0
 
     def local_streams(self) -> range:
         """The micro-batch streams this rank trains (global ids rank * grad_accum + k)."""
@@ -349,6 +350,10 @@ class Protector:
                 loss = loss + w.retention * l_br_t
                 l_br = l_br_t.item()
             logs["loss/retention"] = l_br
+        if cfg.retention.noise_scale > 0:
+            l_noise, grads = self.noise_retention(scratch, theta, self.rng.choice(self.pool[0]))
+            extra.append((grads, w.retention))
+            logs["loss/retention_noise"] = l_noise
         finite = all(math.isfinite(v) for v in logs.values()) and bool(torch.isfinite(loss))
         if self.engine.all_mean({"finite": float(finite)})["finite"] < 1:   # the same decision on every rank
             return self._nonfinite(stream, batch, logs)
@@ -360,6 +365,18 @@ class Protector:
         with retention.math_attention() if second_order else contextlib.nullcontext():
             norm = self.engine.accumulate(loss, grads, wt)
         return logs, norm
+
+    def noise_retention(self, unet, theta: dict, e: Entry) -> tuple[float, dict[str, torch.Tensor]]:
+        """The backdoor loss at theta plus a random perturbation (each tensor by `noise_scale` of its norm):
+        robustness to the identity-blind random walk that makes up most of a real attack's displacement."""
+        scale = self.cfg.retention.noise_scale
+        w = {}
+        for n, p in theta.items():
+            noise = torch.randn(p.shape, generator=self.gen).to(p.device, p.dtype)
+            w[n] = (p.detach() + noise * (scale * p.detach().norm() / math.sqrt(p.numel()))).requires_grad_(True)
+        loss = self.behaviour(retention.unet_at(unet, w), [e])
+        grads = torch.autograd.grad(loss, list(w.values()), allow_unused=True)
+        return loss.item(), {n: g for n, g in zip(w, grads) if g is not None}
 
     def _nonfinite(self, stream: int, batch: list[Entry], logs: dict) -> tuple[dict, float | None]:
         """A micro-batch with a non-finite loss on some rank (config guards.nonfinite)."""
