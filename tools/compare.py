@@ -47,6 +47,9 @@ def compare(reports: dict[str, Path], out: Path) -> dict:
                 "protected_bsr": _mean([r["bsr"] for r in prot]),
                 "unprotected_identity_match": _mean([r["identity_match"] for r in rs if not r["protected"]]),
                 "worst_protected_identity_match": max((r["identity_match"] for r in prot), default=None),
+                "by_objective": {o: {"identity_match": _mean([r["identity_match"] for r in prot if r["objective"] == o]),
+                                     "bsr": _mean([r["bsr"] for r in prot if r["objective"] == o])}
+                                 for o in sorted({r["objective"] for r in prot if r["objective"]})},
                 "grid": next((str(Path(reports[name]) / r["grid"]) for r in prot if r.get("grid")), None)}
         table.append(row)
     summary = {name: {"suite": rep["suite"], "model": rep["model"], "catalog": rep["catalog"],
@@ -70,18 +73,26 @@ def compare(reports: dict[str, Path], out: Path) -> dict:
     return result
 
 
+def _cell(c: dict | None) -> str:
+    if c is None:
+        return "—"
+    text = f"{_fmt(c['protected_identity_match'])} / {_fmt(c['protected_bsr'])}"
+    if len(c["by_objective"]) > 1:   # PersGuard's objectives one by one
+        text += " (" + ", ".join(f"{o} {_fmt(v['identity_match'])} / {_fmt(v['bsr'])}" for o, v in c["by_objective"].items()) + ")"
+    return text
+
+
 def render_markdown(result: dict) -> str:
     cols = result["columns"]
     lines = ["# Defences side by side", "",
-             "Cell: identity match rate of protected entries after the attack / BSR (lower identity match is "
-             "better protection; BSR applies to PersGuard's objectives). Unprotected: identity match of the "
+             "Cell: identity match rate of protected entries after the attack / BSR, then per objective where "
+             "a column has several (lower identity match is better protection; BSR applies to PersGuard's objectives). Unprotected: identity match of the "
              "entries nobody protected, the utility a defence must keep.", "",
              "| attack | " + " | ".join(cols) + " | unprotected (" + ", ".join(cols) + ") | grid |",
              "|---|" + "---|" * len(cols) + "---|---|"]
     for row in result["rows"]:
         cells = [row["cells"][c] for c in cols]
-        lines.append(f"| {row['attack']} | " + " | ".join(
-            "—" if c is None else f"{_fmt(c['protected_identity_match'])} / {_fmt(c['protected_bsr'])}" for c in cells)
+        lines.append(f"| {row['attack']} | " + " | ".join(_cell(c) for c in cells)
             + " | " + ", ".join("—" if c is None else _fmt(c["unprotected_identity_match"]) for c in cells)
             + f" | {'![](' + row['grid'] + ')' if row.get('grid') else ''} |")
     lines += ["", "| defence | suite | model | unprotected fidelity ratio | clean class accuracy | clean Frechet | "
