@@ -38,6 +38,7 @@ def test_aspl_perturbation_stays_in_budget_and_raises_the_denoising_loss(world_c
 @pytest.mark.slow
 def test_aspl_catalog_evaluates_and_compares_beside_the_clean_one(world_catalog, tmp_path):
     rows = [json.loads(x) for x in world_catalog.read_text().splitlines()]
+    rows = [r for r in rows if r["class"] == "person"]   # the look-alike attack needs two of a class
     rows[0].update(protected=True, objective="pattern")
     cat = tmp_path / "catalog.jsonl"
     cat.write_text("".join(json.dumps({**r, **{k: str(world_catalog.parent / r[k]) for k in ("images", "reference",
@@ -59,3 +60,6 @@ def test_aspl_catalog_evaluates_and_compares_beside_the_clean_one(world_catalog,
         assert 0 <= row["cells"]["aspl"]["protected_identity_match"] <= 1
     assert "transform=jpeg:75" in (tmp_path / "cmp" / "report.md").read_text()
     assert main(["compare", "--report", f"x={tmp_path / 'missing'}", "--out", str(tmp_path / "c2")]) == 2
+    assert main(["evaluate", "--catalog", str(world_catalog), "--suite", "smoke-threats", "--out",
+                 str(tmp_path / "lone")]) == 2   # the lone cat has no look-alike: refused before any attack
+    assert not (tmp_path / "lone" / "report.json").exists()

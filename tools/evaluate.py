@@ -121,6 +121,9 @@ def _attack_all(pipe, entries: list[Entry], attacks: list[AttackSettings], n_sam
     (entry, setting) runs to the longest length and is sampled at each multiple of its `steps` on the way:
     one record per multiple, so protection is a curve over the attacker's budget, not a point."""
     records, samples = [], {}
+    if any(a.mix_fraction for a in attacks):
+        for e in entries:
+            lookalike(entries, e)   # every entry has one, checked before hours of attacks
     jobs = [(e, a) for e in entries for a in attacks]
     for k, (entry, settings) in enumerate(tqdm(jobs, desc=f"attacks:{label}")):
         settings = settings.with_(seed=seed * 1000 + k)
