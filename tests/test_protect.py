@@ -1,5 +1,6 @@
 """`persguard protect` end to end on the committed tiny SD pipeline (a few steps: machinery, not numbers)."""
 import dataclasses
+import math
 import json
 
 import pytest
@@ -169,3 +170,27 @@ def test_gray_box_slots_draw_their_attacker_from_the_configured_distributions(pr
         moved = {n for n, d in s["delta"].items() if d.abs().sum() > 0}
         assert moved and all(".attn1.to_" in n or ".attn2.to_" in n for n in moved)
     assert any(not (".attn" in n) for s in full for n, d in s["delta"].items() if d.abs().sum() > 0)
+
+
+def test_noise_retention_takes_the_backdoor_loss_at_perturbed_weights(protect_catalog, tmp_path):
+    from train.retention import unet_at
+
+    cfg = _cfg(protect_catalog, tmp_path / "run", 1, "retention.enabled=false", "retention.noise_scale=0.2")
+    p = Protector(cfg, progress=False)
+    theta = p.engine.full_params()
+    e = p.protected[0]
+    w = {n: t.detach().clone().requires_grad_(True) for n, t in theta.items()}
+    p._seed(0)
+    plain = p.behaviour(unet_at(p.engine.scratch, w), [e])
+    expected = dict(zip(w, torch.autograd.grad(plain, list(w.values()), allow_unused=True)))
+    p._seed(0)
+    at_zero, grads = p.noise_retention(p.engine.scratch, theta, e, scale=0.0)   # no noise: the plain gradient
+    assert at_zero == pytest.approx(plain.item(), abs=1e-6)
+    for n, g in grads.items():
+        torch.testing.assert_close(g, expected[n], rtol=1e-4, atol=1e-6)
+    p._seed(0)
+    perturbed, _ = p.noise_retention(p.engine.scratch, theta, e)
+    assert abs(perturbed - plain.item()) > 1e-3
+    assert math.isfinite(p.train_step()["loss/retention_noise"])
+    with pytest.raises(ValueError, match="noise_scale"):
+        _cfg(protect_catalog, tmp_path / "bad", 1, "retention.noise_scale=-1")

@@ -192,6 +192,8 @@ class ProtectConfig:
         if bad or not self.retention.methods:
             raise ValueError(f"{source}: retention.methods must be a non-empty list of 'dreambooth' / 'lora', got "
                              f"{self.retention.methods!r}")
+        if self.retention.noise_scale < 0:
+            raise ValueError(f"{source}: retention.noise_scale must be >= 0, got {self.retention.noise_scale}")
         if any(lr <= 0 for lr in self.retention.inner_lrs) or any(h < 1 for h in self.retention.horizons):
             raise ValueError(f"{source}: retention.inner_lrs must be > 0 and retention.horizons >= 1")
         if self.behaviour.loss not in ("mse", "preference"):

@@ -83,6 +83,7 @@ class Protector:
             raise ValueError(f"{cfg.catalog}: no protected entries; nothing to implant")
         torch.manual_seed(cfg.seed)
         self.gen = torch.Generator()
+        self.noise_gen = torch.Generator()
         self.step = 0
         self.device = training_device()
         self.pipe = load_pipeline(cfg.model).to(self.device)
@@ -160,6 +161,7 @@ class Protector:
         key = (self.cfg.seed * 1_000_003 + (self.step if step is None else step) + 1) * 4099 + stream
         self.rng = random.Random(key)
         self.gen.manual_seed(key)
+        self.noise_gen.manual_seed(key + 1)   # random-perturbation retention draws apart from everything else
 
     def student(self, x, t, **cond):
         return self.engine.forward(x, t, **cond).sample
@@ -366,13 +368,13 @@ class Protector:
             norm = self.engine.accumulate(loss, grads, wt)
         return logs, norm
 
-    def noise_retention(self, unet, theta: dict, e: Entry) -> tuple[float, dict[str, torch.Tensor]]:
+    def noise_retention(self, unet, theta: dict, e: Entry, scale: float | None = None) -> tuple[float, dict]:
         """The backdoor loss at theta plus a random perturbation (each tensor by `noise_scale` of its norm):
         robustness to the identity-blind random walk that makes up most of a real attack's displacement."""
-        scale = self.cfg.retention.noise_scale
+        scale = self.cfg.retention.noise_scale if scale is None else scale
         w = {}
         for n, p in theta.items():
-            noise = torch.randn(p.shape, generator=self.gen).to(p.device, p.dtype)
+            noise = torch.randn(p.shape, generator=self.noise_gen).to(p.device, p.dtype)
             w[n] = (p.detach() + noise * (scale * p.detach().norm() / math.sqrt(p.numel()))).requires_grad_(True)
         loss = self.behaviour(retention.unet_at(unet, w), [e])
         grads = torch.autograd.grad(loss, list(w.values()), allow_unused=True)
