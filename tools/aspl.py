@@ -29,7 +29,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from tools.attack import DEFAULT_LR
-from train.catalog import Entry, list_images, load_catalog, load_images
+from train.catalog import list_images, load_catalog, load_images
 from train.conditioning import encode_prompts, unet_kwargs
 from train.pipelines import load_pipeline
 
