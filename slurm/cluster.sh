@@ -68,7 +68,7 @@ start_mariadb() {
 write_configs() {
     local host cpus mem
     host=$(hostname -s)
-    cpus=$(nproc)
+    cpus=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)   # nproc obeys OMP_NUM_THREADS: 1 would make a 1-CPU node
     mem=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 * 8 / 10 ))
     # slurmdbd reads slurmdbd.conf from the folder of SLURM_CONF
     cat >"$STATE/slurmdbd.conf" <<EOF
