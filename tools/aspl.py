@@ -31,6 +31,7 @@ from tqdm import tqdm
 from tools.attack import DEFAULT_LR
 from train.catalog import list_images, load_catalog, load_images
 from train.conditioning import encode_prompts, unet_kwargs
+from train.losses import attacker_loss
 from train.pipelines import load_pipeline
 
 
@@ -51,10 +52,8 @@ class ASPLSettings:
 def _denoising_loss(pipe, unet, images01: torch.Tensor, cond: dict, sched, gen: torch.Generator) -> torch.Tensor:
     """The attacker's DreamBooth loss on images in [0, 1], differentiable w.r.t. the images and the UNet."""
     latents = pipe.vae.encode(images01 * 2 - 1).latent_dist.mean * pipe.vae.config.scaling_factor
-    noise = torch.randn(latents.shape, generator=gen)
     t = torch.randint(0, sched.config.num_train_timesteps, (len(latents),), generator=gen)
-    pred = unet(sched.add_noise(latents, noise, t), t, **cond).sample
-    return (pred - noise).pow(2).mean()
+    return attacker_loss(lambda x, tt, **c: unet(x, tt, **c).sample, sched, cond, latents, t, gen)
 
 
 def _finetune(pipe, unet, images01: torch.Tensor, cond_of, sched, gen, steps: int, lr: float, bs: int, opt=None):
