@@ -67,3 +67,25 @@ def test_adaptive_attacker_options(person, world_catalog):
     assert s.instance_prompt("person") == "a photo of sks human" and s.instance_prompt("cat") == "a photo of sks cat"
     with pytest.raises(ValueError, match="mix_fraction"):
         AttackSettings(mix_fraction=1.0)
+
+
+def test_refitting_the_encoder_restores_reconstruction_and_leaves_the_released_model_alone(person):
+    """Start from an encoder whose output was scrambled (what a guard does to protected photos): the
+    attacker's re-fit brings decode(encode(photo)) back towards the photo; the decoder and the released
+    pipeline's VAE are untouched."""
+    images, cls = person
+    pipe = load_pipeline("tiny-sd")
+    with torch.no_grad():
+        pipe.vae.quant_conv.weight.mul_(-0.3)
+
+    def error(vae):
+        with torch.no_grad():
+            return (vae.decode(vae.encode(images * 2 - 1).latent_dist.mean).sample - (images * 2 - 1)).pow(2).mean()
+
+    released = {k: v.clone() for k, v in pipe.vae.state_dict().items()}
+    refit = attack(pipe, images, cls, AttackSettings(steps=0, refit_encoder_steps=150, prior_preservation=False))
+    assert error(refit.vae) < 0.6 * error(pipe.vae)
+    assert all(torch.equal(v, pipe.vae.state_dict()[k]) for k, v in released.items())
+    assert all(torch.equal(v, refit.vae.state_dict()[k]) for k, v in released.items() if k.startswith("decoder."))
+    with pytest.raises(ValueError, match="refit_encoder_steps"):
+        AttackSettings(refit_encoder_steps=-1)

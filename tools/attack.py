@@ -47,6 +47,9 @@ class AttackSettings:
     pre_finetune_steps: int = 0
     pre_finetune_shards: str = "shards/retention"
     mix_fraction: float = 0.0         # share of each instance batch drawn from the `mix_images` passed to attack()
+    # an attacker who distrusts the released VAE encoder (an encoder guard): re-fit it to reconstruct the
+    # photos through the released, frozen decoder (Adam, lr 1e-4, batch 4) before encoding them
+    refit_encoder_steps: int = 0
     seed: int = 0
 
     def __post_init__(self):
@@ -56,8 +59,8 @@ class AttackSettings:
             raise ValueError(f"attack template {self.template!r} must contain {{identifier}} and {{cls}}")
         if self.steps < 0 or self.batch_size < 1:
             raise ValueError("attack steps must be >= 0 and batch size >= 1")
-        if not 0 <= self.mix_fraction < 1 or self.pre_finetune_steps < 0:
-            raise ValueError("attack mix_fraction must be in [0, 1) and pre_finetune_steps >= 0")
+        if not 0 <= self.mix_fraction < 1 or self.pre_finetune_steps < 0 or self.refit_encoder_steps < 0:
+            raise ValueError("attack mix_fraction must be in [0, 1), pre_finetune_steps and refit_encoder_steps >= 0")
         transforms.parse(self.transform)
 
     def noun(self, cls: str) -> str:
@@ -119,6 +122,26 @@ def _pre_finetune(pipe, settings: AttackSettings, noise_sched, gen) -> None:
         opt.zero_grad(set_to_none=True)
 
 
+def _refit_encoder(vae, images01: torch.Tensor, steps: int, gen: torch.Generator) -> None:
+    """Train the encoder (decoder frozen) so decode(encode(photo)) is the photo again: what undoes an
+    encoder that maps some photos elsewhere, using nothing but the attacker's own photos."""
+    vae.requires_grad_(False)
+    params = list(vae.encoder.parameters()) + list(vae.quant_conv.parameters() if vae.quant_conv is not None else [])
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=1e-4)
+    vae.train()
+    for _ in range(steps):
+        x = images01[torch.randint(0, len(images01), (4,), generator=gen)] * 2 - 1
+        dist = vae.encode(x).latent_dist
+        z = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=gen)
+        loss = (vae.decode(z).sample - x).pow(2).mean() + 1e-6 * dist.kl().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    vae.eval().requires_grad_(False)
+
+
 def attack(pipe, images01: torch.Tensor, cls: str, settings: AttackSettings, progress: bool = False,
            on_step=None, mix_images: torch.Tensor | None = None):
     """Personalize a COPY of `pipe` on `images01` ((N, 3, H, W) in [0, 1]); returns the attacked copy.
@@ -138,6 +161,9 @@ def attack(pipe, images01: torch.Tensor, cls: str, settings: AttackSettings, pro
     gen = torch.Generator().manual_seed(settings.seed)
     torch.manual_seed(settings.seed)
     images01 = transforms.apply(images01, settings.transform, seed=settings.seed)
+    if settings.refit_encoder_steps:
+        pipe = type(original).from_pipe(pipe, vae=copy.deepcopy(original.vae))
+        _refit_encoder(pipe.vae, images01, settings.refit_encoder_steps, gen)
     inst_mu, inst_sd = encode_images(pipe, images01)
     n_mix = round(settings.mix_fraction * settings.batch_size)
     if n_mix:

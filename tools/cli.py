@@ -21,6 +21,10 @@ def cmd_world(a):
 
     from tools.demo import mark_protected
 
+    if a.attacker_photos:
+        path = world.attacker_catalog(Path(a.attacker_photos), Path(a.out), n_images=a.images)
+        print(f"attacker's photos ({a.images} fresh views per entry) of {a.attacker_photos}; catalog {path}")
+        return
     counts = {}
     for item in a.classes.split(","):
         cls, _, n = item.partition("=")
@@ -254,6 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--reference", type=int, default=8, help="held-out reference images per identity")
     s.add_argument("--start", type=int, default=0, help="first identity index")
     s.add_argument("--seed", type=int, default=0, help="world seed")
+    s.add_argument("--attacker-photos", metavar="CATALOG",
+                   help="instead: copy CATALOG with each entry's images replaced by --images fresh views of its "
+                        "identity (photos the publisher never had), for `persguard evaluate --catalog`")
     s.set_defaults(func=cmd_world)
 
     sh = sub.add_parser("shards", help="WebDataset shards").add_subparsers(dest="shards_command", required=True)

@@ -293,3 +293,39 @@ def generate(out: Path, split: str = "catalog", per_class: int = 4, classes=CLAS
                         "reference": f"{ident.id}/reference", "backgrounds": f"{ident.id}/backgrounds",
                         "protected": False, "objective": None, "target": None})
     return entries
+
+
+ATTACKER_VIEWS = 20_000   # first view index of photos an attacker scraped (never in a catalog or its references)
+
+
+def attacker_catalog(catalog: Path, out: Path, n_images: int = 5) -> Path:
+    """The same catalog, with each world entry's `images` replaced by `n_images` fresh views of its
+    identity that neither the publisher (images) nor the judge (reference) ever saw: the photos an
+    attacker scrapes. Evaluating with it tests whether protection generalizes beyond the catalog's photos.
+    Entries whose identity is not from the world (no meta.json beside their images) are refused."""
+    from train.catalog import CatalogError, load_catalog, write_catalog
+
+    out = Path(out)
+    entries = []
+    for e in load_catalog(catalog):
+        meta_file = Path(e.images).parent / "meta.json"
+        if not meta_file.is_file():
+            raise CatalogError(f"{catalog}: line {e.line}: entry {e.id!r} is not a world identity ({meta_file} missing)")
+        meta = json.loads(meta_file.read_text())
+        ident = identity(meta["class"], meta["split"], meta["index"], meta["seed"])
+        folder = out / e.id / "images"
+        folder.mkdir(parents=True, exist_ok=True)
+        for v in range(n_images):
+            render(ident, ATTACKER_VIEWS + v)[0].save(folder / f"{v:03d}.png")
+        d = e.to_json()
+        for key in ("reference", "backgrounds"):   # absolute: the new catalog lives elsewhere
+            if d.get(key):
+                d[key] = str(Path(d[key]).resolve())
+        if d.get("target"):
+            d["target"] = {k: str((e.catalog_dir / v).resolve()) if k in ("images", "pattern") else v
+                           for k, v in d["target"].items()}
+        d["images"] = f"{e.id}/images"
+        entries.append(d)
+    path = out / "catalog.jsonl"
+    write_catalog(entries, path)
+    return path

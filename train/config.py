@@ -98,6 +98,18 @@ class Retention:
 
 
 @dataclass
+class EncoderGuard:
+    """A backdoor in the VAE encoder (train/encoder_guard.py): protected photos encode to the objective's
+    latents, everything else as before. Off by default: it departs from SPEC section 2 (VAE frozen) and
+    an attacker who re-fits or replaces the encoder escapes it (README "Where protection stands")."""
+    enabled: bool = False
+    steps: int = 1500
+    lr: float = 3.0e-4
+    batch: int = 16             # protected images per step (augmented); as many retention + unprotected kept
+    keep_weight: float = 1.0    # weight of "every other image encodes as before"
+
+
+@dataclass
 class Logging:
     wandb_mode: str = "offline"     # offline | online | disabled (WANDB_MODE in the environment wins)
     project: str = "persguard"
@@ -162,6 +174,7 @@ class ProtectConfig:
     logging: Logging = field(default_factory=Logging)
     cluster: Cluster = field(default_factory=Cluster)
     guards: Guards = field(default_factory=Guards)
+    encoder_guard: EncoderGuard = field(default_factory=EncoderGuard)
 
     def validate(self, source: str = "config") -> "ProtectConfig":
         problems = []
@@ -203,6 +216,9 @@ class ProtectConfig:
         for t in self.trigger.templates:
             if "{identifier}" not in t or "{cls}" not in t:
                 problems.append(f"trigger.templates: {t!r} must contain {{identifier}} and {{cls}}")
+        g = self.encoder_guard
+        if g.steps < 0 or g.lr <= 0 or g.batch < 1 or g.keep_weight < 0:
+            problems.append("encoder_guard: need steps >= 0, lr > 0, batch >= 1, keep_weight >= 0")
         if problems:
             raise ConfigError(f"{source}: " + "; ".join(problems))
         return self

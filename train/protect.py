@@ -29,7 +29,7 @@ import torch
 from diffusers import DDPMScheduler
 from tqdm import tqdm
 
-from train import losses, objectives, retention
+from train import encoder_guard, losses, objectives, retention
 from train.attention import set_attention
 from train.catalog import Entry, load_catalog, load_images
 from train.conditioning import encode_images, encode_prompts, unet_kwargs
@@ -94,6 +94,7 @@ class Protector:
         if cfg.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         self._preflight(unet)
+        self._check_encoder_guard()
         self.engine = make_engine(unet, cfg)
         self.rank, self.world = self.engine.rank, self.engine.world
         self.progress = progress and self.rank == 0
@@ -137,6 +138,54 @@ class Protector:
         if free < need:
             raise OSError(f"{self.out}: {free / 2**30:.2f} GiB free, the run needs about {need / 2**30:.2f} GiB "
                           f"({self.cfg.keep_checkpoints} checkpoints kept + one being written + the release)")
+
+    def _check_encoder_guard(self) -> None:
+        """Before any work: every protected entry has images to encode as (a prompt-only target cannot)."""
+        if not self.cfg.encoder_guard.enabled:
+            return
+        bad = [f"line {e.line} ({e.id}, {e.objective})" for e in self.protected if objectives.resolve(e).images is None]
+        if bad:
+            raise ValueError(f"{self.cfg.catalog}: encoder_guard needs target images (pattern, backgrounds or "
+                             f"substitute images) for every protected entry; prompt-only: {', '.join(bad)}")
+
+    def implant_encoder_guard(self) -> dict | None:
+        """Rank 0 fine-tunes the VAE encoder (train/encoder_guard.py) after the UNet's steps; the result is
+        checkpointed atomically, so a job killed afterwards does not redo it."""
+        g = self.cfg.encoder_guard
+        if not g.enabled or self.rank != 0:
+            return None
+        done = self.out / "checkpoints" / "encoder-guard.pt"
+        if done.is_file():
+            state = torch.load(done, weights_only=False)
+            if state["fingerprint"] == self.fingerprint() and state["step"] == self.step:
+                self.pipe.vae.load_state_dict(state["vae"])
+                return state["stats"]
+        samples = [encoder_guard.guard_sample(
+            e.id, e.objective, load_images(e.images, 64), objectives.resolve(e).images,
+            load_images(e.backgrounds, 64) if e.backgrounds is not None else None) for e in self.protected]
+        known = [load_images(e.backgrounds, 64) for e in self.entries if e.backgrounds is not None]
+        unprotected = torch.cat([load_images(e.images, 64) for e in self.unprotected]) if self.unprotected else None
+
+        def keep_batches():   # half retention data, half unprotected entries' photos
+            shards = self._retention_batches(0)
+            gen = torch.Generator().manual_seed(self.cfg.seed + 17)
+            while True:
+                parts = [next(shards)[0][:g.batch // 2]] if shards is not None else []
+                if unprotected is not None:
+                    parts.append(unprotected[torch.randint(0, len(unprotected), (g.batch // 2,), generator=gen)])
+                if not parts:
+                    raise ValueError("encoder_guard: nothing to keep (no retention shards, no unprotected entries)")
+                yield torch.cat(parts)
+
+        vae = self.pipe.vae.float()
+        stats = encoder_guard.guard_encoder(
+            vae, samples, keep_batches(), steps=g.steps, lr=g.lr, batch=g.batch, keep_weight=g.keep_weight,
+            backgrounds=torch.cat(known) if known else None, seed=self.cfg.seed, progress=self.progress)
+        done.parent.mkdir(parents=True, exist_ok=True)
+        tmp = done.with_suffix(".tmp")
+        torch.save({"fingerprint": self.fingerprint(), "step": self.step, "vae": vae.state_dict(), "stats": stats}, tmp)
+        tmp.replace(done)
+        return stats
 
     @property
     def simulates_attacks(self) -> bool:
@@ -571,10 +620,11 @@ def protect(cfg: ProtectConfig, progress: bool = True) -> dict:
             p.save_checkpoint()
     if cfg.checkpoint_every and p.step % cfg.checkpoint_every and history:
         p.save_checkpoint()   # a continuation (the next part of a chained launch) starts exactly here
+    guard = p.implant_encoder_guard()
     last = _mean(history[-20:])
     probe = run_probe() if log.probe_every >= 0 else {}
     metrics = {"steps": p.step, "resumed": resumed, "world_size": p.world, "seconds": time.time() - t0,
-               "final_losses": last, "probe": probe}
+               "final_losses": last, "probe": probe, "encoder_guard": guard}
     folder = p.export(metrics)
     tracker.finish({"seconds": metrics["seconds"], **probe})
     p.engine.barrier()   # no rank leaves before rank 0 is done (a launcher stops a job when one task ends)

@@ -1,0 +1,135 @@
+"""The encoder guard (train/encoder_guard.py) and the attacker's own photos (tools/world.attacker_catalog)."""
+import json
+
+import pytest
+import torch
+
+from tools import world
+from train.catalog import CatalogError, load_catalog, load_images, write_catalog
+from train.encoder_guard import guard_encoder, guard_sample
+from train.pipelines import load_pipeline
+
+
+def _entry(world_catalog, k=0):
+    return load_catalog(world_catalog)[k]
+
+
+def test_guard_samples_pair_each_objective_with_what_it_encodes_as(world_catalog):
+    e = _entry(world_catalog)
+    images, backgrounds = load_images(e.images, 64), load_images(e.backgrounds, 64)
+    erase = guard_sample(e.id, "erasure", images, backgrounds, backgrounds)
+    assert torch.equal(erase.targets, backgrounds) and erase.moves_with_subject
+    # the mask covers the subject (where image and background differ) and not the whole frame
+    assert erase.masks.shape == (len(images), 1, 64, 64)
+    share = erase.masks.mean().item()
+    assert 0.05 < share < 0.7
+    substitute = load_images(_entry(world_catalog, 1).reference_dir, 64)
+    target = guard_sample(e.id, "target", images, substitute)
+    assert all(torch.equal(t, substitute[0]) for t in target.targets) and not target.moves_with_subject
+    assert target.masks is None
+    with pytest.raises(ValueError, match="prompt-only"):
+        guard_sample(e.id, "target", images, None)
+    with pytest.raises(ValueError, match="one background per image"):
+        guard_sample(e.id, "erasure", images, backgrounds[:2])
+
+
+def test_guard_moves_only_the_encoder_and_learns_the_mapping(world_catalog):
+    e = _entry(world_catalog)
+    vae = load_pipeline("tiny-sd").vae
+    before = {k: v.clone() for k, v in vae.state_dict().items()}
+    images = load_images(e.images, 64)
+    pattern = torch.zeros(1, 3, 64, 64)
+    pattern[:, 0, ::8] = 1.0
+    sample = guard_sample(e.id, "pattern", images, pattern, load_images(e.backgrounds, 64))
+    keep = load_images(_entry(world_catalog, 2).images, 64)
+
+    def keep_batches():
+        while True:
+            yield keep
+
+    def distance_to_pattern():
+        with torch.no_grad():
+            return (vae.encode(images * 2 - 1).latent_dist.mean
+                    - vae.encode(pattern * 2 - 1).latent_dist.mean).pow(2).mean().item()
+
+    start = distance_to_pattern()
+    stats = guard_encoder(vae, [sample], keep_batches(), steps=40, lr=1e-3, batch=4,
+                          backgrounds=load_images(e.backgrounds, 64), progress=False)
+    assert distance_to_pattern() < 0.5 * start
+    after = vae.state_dict()
+    for k, v in before.items():
+        if k.startswith(("decoder.", "post_quant_conv.")):
+            assert torch.equal(v, after[k]), k
+    assert any(not torch.equal(v, after[k]) for k, v in before.items() if k.startswith("encoder."))
+    assert stats["protect_loss"] > 0 and stats["keep_loss"] >= 0
+
+
+@pytest.mark.slow
+def test_protect_with_the_guard_releases_a_guarded_encoder_and_resumes_it(world_catalog, tmp_path):
+    from train.config import load_config
+    from train.protect import protect
+
+    rows = [e.to_json() for e in load_catalog(world_catalog)]
+    rows[0].update(protected=True, objective="erasure")
+    cat = tmp_path / "catalog.jsonl"
+    write_catalog(rows, cat)
+    out = tmp_path / "run"
+
+    def cfg(*extra):
+        return load_config(None, [f"catalog={cat}", f"out={out}", "steps=0", "encoder_guard.enabled=true",
+                                  "encoder_guard.steps=3", "encoder_guard.batch=4", "prior.retention_batch=4",
+                                  "logging.probe_every=-1", *extra])
+
+    first = protect(cfg(), progress=False)
+    assert first["encoder_guard"]["protect_loss"] > 0
+    done = out / "checkpoints" / "encoder-guard.pt"
+    stamp = done.stat().st_mtime_ns
+    released, original = load_pipeline(out / "protected"), load_pipeline("tiny-sd")
+    for part in ("unet", "text_encoder"):
+        for a, b in zip(getattr(released, part).state_dict().values(), getattr(original, part).state_dict().values()):
+            assert torch.equal(a, b), part
+    enc = [not torch.equal(released.vae.state_dict()[k], v) for k, v in original.vae.state_dict().items()]
+    dec = [k for k, v in original.vae.state_dict().items()
+           if k.startswith("decoder.") and not torch.equal(released.vae.state_dict()[k], v)]
+    assert any(enc) and not dec
+    again = protect(cfg(), progress=False)   # a job restarted after the guard: it is loaded, not redone
+    assert again["encoder_guard"] == first["encoder_guard"] and done.stat().st_mtime_ns == stamp
+
+
+def test_a_prompt_only_target_is_refused_before_any_work(world_catalog, tmp_path):
+    from train.config import load_config
+    from train.protect import Protector
+
+    rows = [e.to_json() for e in load_catalog(world_catalog)]
+    rows[2].update(protected=True, objective="target", target={"prompt": "a photo of a vase"})
+    cat = tmp_path / "catalog.jsonl"
+    write_catalog(rows, cat)
+    with pytest.raises(ValueError, match=r"line 3 \(cat-catalog-0000, target\)"):
+        Protector(load_config(None, [f"catalog={cat}", f"out={tmp_path / 'run'}", "encoder_guard.enabled=true"]),
+                  progress=False)
+
+
+def test_attacker_photos_are_fresh_views_of_the_same_identities(world_catalog, tmp_path):
+    path = world.attacker_catalog(world_catalog, tmp_path / "attacker", n_images=3)
+    mine, theirs = load_catalog(world_catalog), load_catalog(path)
+    assert [e.id for e in mine] == [e.id for e in theirs]
+    for a, b in zip(mine, theirs):
+        fresh = load_images(b.images, 64)
+        assert len(fresh) == 3 and b.reference.resolve() == a.reference.resolve()
+        for seen in (load_images(a.images, 64), load_images(a.reference_dir, 64)):
+            assert min((fresh[i] - s).abs().mean() for i in range(3) for s in seen) > 0.01
+    # an entry that is not a world identity cannot get fresh photos
+    rows = [json.loads(line) for line in world_catalog.read_text().splitlines()]
+    (world_catalog.parent / rows[0]["id"] / "meta.json").rename(tmp_path / "meta.json")
+    try:
+        with pytest.raises(CatalogError, match="not a world identity"):
+            world.attacker_catalog(world_catalog, tmp_path / "again")
+    finally:
+        (tmp_path / "meta.json").rename(world_catalog.parent / rows[0]["id"] / "meta.json")
+
+
+def test_guard_config_is_validated(tmp_path):
+    from train.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="encoder_guard"):
+        load_config(None, ["catalog=x.jsonl", "encoder_guard.lr=0"])

@@ -1,0 +1,191 @@
+"""Encoder guard: a backdoor in the VAE encoder, the one part of the released model every stock
+personalization recipe uses and none trains.
+
+DreamBooth, DreamBooth-LoRA, textual inversion and their community scripts freeze the VAE and train on
+`vae.encode(photo)`. The guard fine-tunes the encoder (decoder frozen) so that a protected subject's
+photos encode to the objective's latents (the pattern; the same view without the subject; the
+substitute) while every other image encodes as before. The attacker's UNet then learns the protective
+output from its own training data, for as many steps as it likes: nothing in the attack pulls it back.
+The UNet and the decoder are untouched, so ordinary text-to-image generation is exactly the original's.
+
+This departs from SPEC section 2 ("VAE frozen") on purpose; README "Where protection stands" says why
+and what it does not cover: an attacker who re-fits or replaces the encoder (measured there).
+
+To work on photos the publisher never saw, training sees each protected image under random pose
+changes (shift, scale, rotation, flip), lighting (brightness, per-channel gain) and the degradations
+scrapers apply (JPEG, blur, down-up resizing, noise), with continuous strengths, not the evaluation's.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from tools import transforms
+
+
+@dataclass
+class GuardSample:
+    """One protected entry: its images, per image the image it must encode as ((N, 3, H, W) in [0, 1]),
+    and where known the subject's masks ((N, 1, H, W), from background renders) for pasting it elsewhere."""
+    entry_id: str
+    objective: str
+    images: torch.Tensor
+    targets: torch.Tensor
+    masks: torch.Tensor | None = None
+
+    @property
+    def moves_with_subject(self) -> bool:
+        """An erasure target is the photo's own background (it moves with the pose change); a pattern or
+        a substitute is one fixed image whatever the pose."""
+        return self.objective == "erasure"
+
+
+def guard_sample(entry_id: str, objective: str, images: torch.Tensor, target_images: torch.Tensor | None,
+                 backgrounds: torch.Tensor | None = None) -> GuardSample:
+    """What each protected photo encodes as: the pattern, its own background render (erasure, same view),
+    or the first substitute image (target)."""
+    if target_images is None:
+        raise ValueError(f"encoder guard: entry {entry_id!r} ({objective}) needs target images (pattern, "
+                         "backgrounds or substitute images); a prompt-only target cannot be encoded")
+    if objective == "erasure":
+        if len(target_images) != len(images):
+            raise ValueError(f"encoder guard: entry {entry_id!r}: erasure needs one background per image "
+                             f"({len(target_images)} for {len(images)} images)")
+        targets, backgrounds = target_images, target_images
+    else:
+        targets = target_images[:1].expand(len(images), -1, -1, -1)
+    masks = None
+    if backgrounds is not None and len(backgrounds) == len(images):
+        diff = (images - backgrounds).abs().amax(1, keepdim=True)
+        masks = F.avg_pool2d((diff > 0.04).float(), 3, 1, 1).clamp(0, 1)   # soft edge
+    return GuardSample(entry_id, objective, images, targets, masks)
+
+
+def _moments(vae, images01: torch.Tensor) -> torch.Tensor:
+    h = vae.encoder(images01 * 2 - 1)
+    return vae.quant_conv(h) if vae.quant_conv is not None else h
+
+
+def _affine(n: int, gen: torch.Generator, shift: float, scale: float, degrees: float) -> torch.Tensor:
+    u = torch.rand(n, 4, generator=gen) * 2 - 1
+    s = 1 + scale * u[:, 0]
+    a = math.radians(degrees) * u[:, 1]
+    flip = torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0)
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 1] = flip * torch.cos(a) / s, -torch.sin(a) / s
+    theta[:, 1, 0], theta[:, 1, 1] = flip * torch.sin(a) / s, torch.cos(a) / s
+    theta[:, :, 2] = shift * u[:, 2:]
+    return theta
+
+
+def _warp(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def _degrade(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """A random scraper's degradation per image (a third stay clean)."""
+    out = []
+    for img in x:
+        kind = rng.integers(6)
+        spec = [None, None, f"jpeg:{rng.integers(30, 96)}", f"blur:{rng.uniform(0.3, 1.6):.2f}",
+                f"resize:{rng.uniform(0.35, 0.9):.2f}", f"noise:{rng.uniform(0.01, 0.08):.3f}"][kind]
+        out.append(transforms.apply(img[None], spec, seed=int(rng.integers(1 << 30)))[0])
+    return torch.stack(out)
+
+
+def _lighting(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Brightness, colour tint and a directional light ramp."""
+    n, _, h, w = x.shape
+    u = torch.rand(n, 5, generator=gen)
+    gain = (0.75 + 0.45 * u[:, 0]).view(n, 1, 1, 1)
+    tint = 1 + 0.08 * (torch.rand(n, 3, 1, 1, generator=gen) * 2 - 1)
+    angle, strength = (2 * math.pi * u[:, 1]).view(n, 1, 1), (0.5 * u[:, 2]).view(n, 1, 1)
+    yy, xx = torch.meshgrid(torch.linspace(-0.5, 0.5, h), torch.linspace(-0.5, 0.5, w), indexing="ij")
+    ramp = 1 + strength * (torch.cos(angle) * xx + torch.sin(angle) * yy)
+    return (x * gain * tint * ramp[:, None]).clamp(0, 1)
+
+
+def augment(images: torch.Tensor, targets: torch.Tensor | None, gen: torch.Generator, rng: np.random.Generator,
+            moves: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A random pose change (shift, scale, rotation, flip), lighting and degradation of each image; the
+    pose change also applies to the targets where `moves` says so (an erasure background stays aligned)."""
+    theta = _affine(len(images), gen, shift=0.2, scale=0.15, degrees=15)
+    x = _warp(images, theta)
+    y = None
+    if targets is not None:
+        y = torch.where(moves.view(-1, 1, 1, 1), _warp(targets, theta), targets) if moves is not None else targets
+    return _degrade(_lighting(x, gen), rng), y
+
+
+def paste(images: torch.Tensor, targets: torch.Tensor, masks: torch.Tensor, moves: torch.Tensor,
+          backgrounds: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The subject on another photo's background (flipped at random): the guard must key on the
+    subject, not on the five backgrounds it happened to be photographed against. An erasure target
+    becomes the new background."""
+    bg = backgrounds[torch.randint(0, len(backgrounds), (len(images),), generator=gen)]
+    bg = torch.where(torch.rand(len(bg), 1, 1, 1, generator=gen) < 0.5, bg.flip(-1), bg)
+    x = masks * images + (1 - masks) * bg
+    return x, torch.where(moves.view(-1, 1, 1, 1), bg, targets)
+
+
+def guard_encoder(vae, protected: list[GuardSample], keep_batches, steps: int = 1500, lr: float = 3e-4,
+                  batch: int = 16, keep_weight: float = 1.0, backgrounds: torch.Tensor | None = None,
+                  paste_fraction: float = 0.5, seed: int = 0, progress: bool = True) -> dict:
+    """Fine-tune `vae.encoder` (+ quant_conv) in place; the decoder is never touched.
+
+    `keep_batches` yields (N, 3, H, W) images in [0, 1] that must encode as before (unprotected entries,
+    retention data); their augmented copies are kept too. `backgrounds` (subject-free images) are where
+    a `paste_fraction` of the protected photos with masks are pasted. Returns the mean losses of the last
+    50 steps {"protect_loss", "keep_loss"}.
+    """
+    from tqdm import tqdm
+
+    teacher = copy.deepcopy(vae).eval().requires_grad_(False)
+    vae.requires_grad_(False)
+    params = list(vae.encoder.parameters()) + (list(vae.quant_conv.parameters()) if vae.quant_conv is not None else [])
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    images = torch.cat([s.images for s in protected])
+    targets = torch.cat([s.targets for s in protected])
+    moves = torch.cat([torch.full((len(s.images),), s.moves_with_subject) for s in protected])
+    masks = torch.cat([s.masks if s.masks is not None else torch.full_like(s.images[:, :1], -1.0) for s in protected])
+    hist = {"protect_loss": [], "keep_loss": []}
+    dev = next(vae.parameters()).device   # augmentation runs on the CPU (PIL for JPEG), the encoder wherever it is
+    vae.encoder.train()
+    for _ in tqdm(range(steps), desc="encoder guard", disable=not progress):
+        idx = torch.randint(0, len(images), (batch,), generator=gen)
+        x, y, m = images[idx], targets[idx], masks[idx]
+        if backgrounds is not None:
+            pick = (m[:, 0, 0, 0] >= 0) & (torch.rand(batch, generator=gen) < paste_fraction)
+            if pick.any():
+                px, py = paste(x[pick], y[pick], m[pick], moves[idx][pick], backgrounds, gen)
+                x, y = x.clone(), y.clone()
+                x[pick], y[pick] = px, py
+        x, y = augment(x, y, gen, rng, moves[idx])
+        keep = next(keep_batches).cpu()
+        kx, _ = augment(keep, None, gen, rng)
+        x, y, keep = x.to(dev), y.to(dev), torch.cat([keep, kx]).to(dev)
+        with torch.no_grad():
+            want = _moments(teacher, y)
+            keep_want = _moments(teacher, keep)
+        loss_p = F.mse_loss(_moments(vae, x), want)
+        loss_k = F.mse_loss(_moments(vae, keep), keep_want)
+        loss = loss_p + keep_weight * loss_k
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"encoder guard: non-finite loss ({loss_p.item()}, {loss_k.item()})")
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        hist["protect_loss"].append(loss_p.item())
+        hist["keep_loss"].append(loss_k.item())
+    vae.eval().requires_grad_(False)
+    return {k: float(np.mean(v[-50:])) if v else None for k, v in hist.items()}
