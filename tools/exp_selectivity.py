@@ -37,7 +37,8 @@ t0 = time.time()
 model = "tiny-sd"
 if name != "original":
     res = protect(load_config("configs/demo.yaml", [f"catalog={catalog}", f"out={out}", "logging.wandb_mode=disabled",
-                                                    "logging.probe_every=-1", "steps=300", *over]), progress=False)
+                                                    "logging.probe_every=-1", "steps=300",
+                                                    "encoder_guard.enabled=false", *over]), progress=False)
     print("protect", res["final_losses"], f"{time.time() - t0:.0f}s", flush=True)
     model = res["protected"]
 pipe = load_pipeline(model)
