@@ -25,7 +25,7 @@ def test_guard_samples_pair_each_objective_with_what_it_encodes_as(world_catalog
     assert 0.05 < share < 0.7
     substitute = load_images(_entry(world_catalog, 1).reference_dir, 64)
     target = guard_sample(e.id, "target", images, substitute)
-    assert all(torch.equal(t, substitute[0]) for t in target.targets) and target.moves_with_subject
+    assert all(torch.equal(t, substitute[0]) for t in target.targets) and not target.moves_with_subject
     assert target.masks is None
     with pytest.raises(ValueError, match="prompt-only"):
         guard_sample(e.id, "target", images, None)

@@ -40,17 +40,16 @@ class GuardSample:
 
     @property
     def moves_with_subject(self) -> bool:
-        """An erasure target (the photo's own background) and a substitute (drawn where the subject
-        stands) follow a pose change; a pattern is one fixed image whatever the pose. A conv encoder maps
-        a moved subject to a moved substitute easily, to a fixed image hardly (measured: a fixed
-        substitute stayed a blur after 1500 steps)."""
-        return self.objective in ("erasure", "target")
+        """An erasure target (the photo's own background) follows a pose change; a pattern or a
+        substitute is one fixed image whatever the pose. (A substitute that followed the pose came out
+        blurrier after the attack: 0.00 target match at 1x, README.)"""
+        return self.objective == "erasure"
 
 
 def guard_sample(entry_id: str, objective: str, images: torch.Tensor, target_images: torch.Tensor | None,
                  backgrounds: torch.Tensor | None = None) -> GuardSample:
     """What each protected photo encodes as: the pattern, its own background render (erasure, same view),
-    or the first substitute image (target; it then follows the photo's pose changes)."""
+    or the first substitute image (target)."""
     if target_images is None:
         raise ValueError(f"encoder guard: entry {entry_id!r} ({objective}) needs target images (pattern, "
                          "backgrounds or substitute images); a prompt-only target cannot be encoded")
