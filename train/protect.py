@@ -626,7 +626,7 @@ def protect(cfg: ProtectConfig, progress: bool = True) -> dict:
     metrics = {"steps": p.step, "resumed": resumed, "world_size": p.world, "seconds": time.time() - t0,
                "final_losses": last, "probe": probe, "encoder_guard": guard}
     folder = p.export(metrics)
-    tracker.finish({"seconds": metrics["seconds"], **probe})
+    tracker.finish({"seconds": metrics["seconds"], **probe, **{f"encoder_guard/{k}": v for k, v in (guard or {}).items()}})
     p.engine.barrier()   # no rank leaves before rank 0 is done (a launcher stops a job when one task ends)
     if p.rank != 0:
         return {}
