@@ -41,8 +41,9 @@ class GuardSample:
     @property
     def moves_with_subject(self) -> bool:
         """An erasure target (the photo's own background) follows a pose change; a pattern or a
-        substitute is one fixed image whatever the pose. (A substitute that followed the pose came out
-        blurrier after the attack: 0.00 target match at 1x, README.)"""
+        substitute is one fixed image whatever the pose. (Session 6: a pose-following substitute and a
+        fixed one both gave 0.00 target match after a 1x attack; the fixed one reached 0.94-1.00 from 2x,
+        README; the other was not measured past 1x.)"""
         return self.objective == "erasure"
 
 
