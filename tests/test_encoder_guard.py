@@ -1,6 +1,4 @@
 """The encoder guard (train/encoder_guard.py) and the attacker's own photos (tools/world.attacker_catalog)."""
-import json
-
 import pytest
 import torch
 
@@ -118,14 +116,15 @@ def test_attacker_photos_are_fresh_views_of_the_same_identities(world_catalog, t
         assert len(fresh) == 3 and b.reference.resolve() == a.reference.resolve()
         for seen in (load_images(a.images, 64), load_images(a.reference_dir, 64)):
             assert min((fresh[i] - s).abs().mean() for i in range(3) for s in seen) > 0.01
-    # an entry that is not a world identity cannot get fresh photos
-    rows = [json.loads(line) for line in world_catalog.read_text().splitlines()]
-    (world_catalog.parent / rows[0]["id"] / "meta.json").rename(tmp_path / "meta.json")
-    try:
-        with pytest.raises(CatalogError, match="not a world identity"):
-            world.attacker_catalog(world_catalog, tmp_path / "again")
-    finally:
-        (tmp_path / "meta.json").rename(world_catalog.parent / rows[0]["id"] / "meta.json")
+    # an entry that is not a world identity (no meta.json beside its images) cannot get fresh photos
+    foreign = tmp_path / "foreign" / "someone" / "images"
+    foreign.mkdir(parents=True)
+    for p in mine[0].images.iterdir():
+        (foreign / p.name).write_bytes(p.read_bytes())
+    write_catalog([{**mine[0].to_json(), "images": "someone/images", "reference": None, "backgrounds": None}],
+                  tmp_path / "foreign" / "catalog.jsonl")
+    with pytest.raises(CatalogError, match="not a world identity"):
+        world.attacker_catalog(tmp_path / "foreign" / "catalog.jsonl", tmp_path / "again")
 
 
 def test_guard_config_is_validated(tmp_path):

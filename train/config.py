@@ -101,10 +101,12 @@ class Retention:
 class EncoderGuard:
     """A backdoor in the VAE encoder (train/encoder_guard.py): protected photos encode to the objective's
     latents, everything else as before. Off by default: it departs from SPEC section 2 (VAE frozen) and
-    an attacker who re-fits or replaces the encoder escapes it (README "Where protection stands")."""
+    an attacker who re-fits or replaces the encoder escapes it (README "The encoder guard")."""
     enabled: bool = False
     steps: int = 1500
-    lr: float = 1.0e-3          # 3e-4: the erasure held on 2 of 5 unseen photos instead of 4 (README)
+    # 1500 steps on the demo catalog: decode(encode(unseen photo)) showed no subject on 4 of 5 fresh
+    # photos of the erasure face at lr 1e-3, 2 of 5 at 3e-4 (session 6)
+    lr: float = 1.0e-3
     batch: int = 16             # protected images per step (augmented); as many retention + unprotected kept
     keep_weight: float = 1.0    # weight of "every other image encodes as before"
 

@@ -69,8 +69,8 @@ def guard_sample(entry_id: str, objective: str, images: torch.Tensor, target_ima
 
 
 def _moments(vae, images01: torch.Tensor) -> torch.Tensor:
-    h = vae.encoder(images01 * 2 - 1)
-    return vae.quant_conv(h) if vae.quant_conv is not None else h
+    """The encoder's raw posterior parameters (mean and log-variance), through diffusers' own encode."""
+    return vae.encode(images01 * 2 - 1).latent_dist.parameters
 
 
 def _affine(n: int, gen: torch.Generator, shift: float, scale: float, degrees: float) -> torch.Tensor:
