@@ -28,12 +28,15 @@ def test_every_problem_is_reported_with_file_and_line(tmp_path, world_catalog):
         "{not json",                                          # 4
         {**good, "id": "", "objective": "nonsense"},          # 5
         {**good, "id": "c", "protected": True},               # 6: protected without objective
+        {**good, "id": "d", "protected": True, "objective": "target",   # 7: substitute twins missing
+         "target": {"images": good["images"], "backgrounds": str(tmp_path / "gone")}},
     ])
     with pytest.raises(CatalogError) as e:
         load_catalog(tmp_path / "c.jsonl")
     msg = str(e.value)
     for needle in ["c.jsonl:2: duplicate id", "c.jsonl:3: images:", "no images", "c.jsonl:4: not valid JSON",
-                   "c.jsonl:5: missing or empty 'id'", "objective 'nonsense'", "c.jsonl:6: a protected entry needs"]:
+                   "c.jsonl:5: missing or empty 'id'", "objective 'nonsense'", "c.jsonl:6: a protected entry needs",
+                   "c.jsonl:7: target.backgrounds:"]:
         assert needle in msg, needle
 
 

@@ -4,7 +4,7 @@ import torch
 
 from tools import world
 from train.catalog import CatalogError, load_catalog, load_images, write_catalog
-from train.encoder_guard import guard_encoder, guard_sample
+from train.encoder_guard import _box, guard_encoder, guard_sample, subject_masks
 from train.pipelines import load_pipeline
 
 
@@ -29,6 +29,29 @@ def test_guard_samples_pair_each_objective_with_what_it_encodes_as(world_catalog
         guard_sample(e.id, "target", images, None)
     with pytest.raises(ValueError, match="one background per image"):
         guard_sample(e.id, "erasure", images, backgrounds[:2])
+
+
+def test_a_substitute_with_backgrounds_is_moved_onto_each_protected_subject(world_catalog):
+    e, sub = _entry(world_catalog), _entry(world_catalog, 1)
+    images, backgrounds = load_images(e.images, 64), load_images(e.backgrounds, 64)
+    sub_images, sub_backgrounds = load_images(sub.images, 64), load_images(sub.backgrounds, 64)
+    target = guard_sample(e.id, "target", images, sub_images, backgrounds, sub_backgrounds)
+    assert target.moves_with_subject and target.targets.shape == images.shape
+    for i in range(len(images)):
+        a, b = _box(target.masks[i]), _box((target.target_masks[i] > 0.5).float())
+        assert abs(a[0] - b[0]) < 0.1 and abs(a[1] - b[1]) < 0.1 and abs(a[2] - b[2]) < 0.15 * a[2]
+        # where the substitute is not, the photo's own background: the protected subject is gone
+        outside = (target.target_masks[i] < 0.01).expand(3, -1, -1)
+        assert torch.allclose(target.targets[i][outside], backgrounds[i][outside], atol=0.011)
+        # where it is, the substitute's colours, not the protected subject's
+        inside = (target.target_masks[i] > 0.99).expand(3, -1, -1)
+        assert (target.targets[i][inside] - images[i][inside]).abs().mean() > 0.05
+    # without the substitute's twins: the first substitute image, fixed whatever the pose
+    fixed = guard_sample(e.id, "target", images, sub_images, backgrounds)
+    assert not fixed.moves_with_subject and all(torch.equal(t, sub_images[0]) for t in fixed.targets)
+    with pytest.raises(ValueError, match="one per image"):
+        guard_sample(e.id, "target", images, sub_images, backgrounds, sub_backgrounds[:2])
+    assert torch.equal(subject_masks(images, backgrounds), target.masks)
 
 
 def test_guard_moves_only_the_encoder_and_learns_the_mapping(world_catalog):

@@ -24,8 +24,8 @@ def mark_protected(entries: list[dict], n: int, folder: Path, seed: int = 0) -> 
     """Protect `n` of the rendered `entries` (dicts of world.generate, paths relative to `folder`), taken
     round-robin across classes so every class keeps protected and unprotected entries; within a class the
     objectives cycle pattern, erasure, target (shifted per class, so every class meets each). A target
-    entry's substitute is another identity of its class, rendered into `folder` (its reference views are
-    the target images)."""
+    entry's substitute is another identity of its class, rendered into `folder`: its photos and their
+    subject-free twins are the target images, its held-out reference views what the evaluation judges by."""
     by_class: dict[str, list[dict]] = {}
     for e in entries:
         by_class.setdefault(e["class"], []).append(e)
@@ -39,7 +39,7 @@ def mark_protected(entries: list[dict], n: int, folder: Path, seed: int = 0) -> 
         if e["objective"] == "target":
             sub = world.generate(folder, split="catalog", per_class=1, classes=(e["class"],), seed=seed,
                                  start=SUBSTITUTE_START + k, progress=False)[0]
-            e["target"] = {"images": sub["reference"]}
+            e["target"] = {k: sub[k] for k in ("images", "backgrounds", "reference")}
     return entries
 
 
@@ -53,7 +53,7 @@ def build_demo_catalog(out: Path) -> Path:
     for e in entries:   # paths relative to OUT, where the catalog file lives
         e.update({k: f"world/{e[k]}" for k in ("images", "reference", "backgrounds")})
         if e["target"]:
-            e["target"] = {"images": f"world/{e['target']['images']}"}
+            e["target"] = {k: f"world/{v}" for k, v in e["target"].items()}
     path = Path(out) / "catalog.jsonl"
     write_catalog(entries, path)
     return path

@@ -43,7 +43,7 @@ OUTPUT_NAMES = ("images", "shards", "catalog.jsonl", "summary.json", "summary.md
 # re-encoded copies' <= 5.3.
 NEAR_DUP_MAX_MEAN_DIFF = 10.0
 _OBJECTIVES = ("pattern", "erasure", "target")   # train.catalog.OBJECTIVES (not imported: it loads torch)
-_TARGET_PATH_KEYS = ("pattern", "images")
+_TARGET_PATH_KEYS = ("pattern", "images", "backgrounds", "reference")
 
 
 class IngestError(ValueError):

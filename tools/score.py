@@ -72,7 +72,7 @@ def score(images: torch.Tensor, entry: Entry, ev: Evaluators | None = None) -> d
         sim = pattern_similarity(images, pattern)
         out["pattern_similarity"] = float(sim.mean())
         pattern_hit = sim > PATTERN_THRESHOLD
-    target_path = _resolve(entry, "images")
+    target_path = _resolve(entry, "reference") or _resolve(entry, "images")
     if target_path is not None:
         target_hit = ev.ism(images, load_images(target_path, IMAGE_SIZE)) > ev.threshold
         out["target_match"] = float(target_hit.float().mean())

@@ -322,8 +322,8 @@ def attacker_catalog(catalog: Path, out: Path, n_images: int = 5) -> Path:
             if d.get(key):
                 d[key] = str(Path(d[key]).resolve())
         if d.get("target"):
-            d["target"] = {k: str((e.catalog_dir / v).resolve()) if k in ("images", "pattern") else v
-                           for k, v in d["target"].items()}
+            paths = ("images", "pattern", "backgrounds", "reference")
+            d["target"] = {k: str((e.catalog_dir / v).resolve()) if k in paths else v for k, v in d["target"].items()}
         d["images"] = f"{e.id}/images"
         entries.append(d)
     path = out / "catalog.jsonl"

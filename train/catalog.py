@@ -17,6 +17,7 @@ from PIL import Image, UnidentifiedImageError
 
 OBJECTIVES = ("pattern", "erasure", "target")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+TARGET_FOLDERS = ("images", "backgrounds", "reference")   # image folders inside an entry's "target"
 
 
 class CatalogError(ValueError):
@@ -106,6 +107,13 @@ def _entry_problems(raw: dict, base: Path) -> list[str]:
         problems.append("a protected entry needs an objective")
     if raw.get("target") is not None and not isinstance(raw["target"], dict):
         problems.append("'target' must be an object or null")
+    for key in TARGET_FOLDERS:
+        value = (raw.get("target") or {}).get(key) if isinstance(raw.get("target"), dict) else None
+        if value:
+            try:
+                list_images(base / value)
+            except CatalogError as e:
+                problems.append(f"target.{key}: {e}")
     for key in ("images", "reference", "backgrounds"):
         if key == "images" and not raw.get(key):
             problems.append("missing 'images'")

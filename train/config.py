@@ -109,6 +109,9 @@ class EncoderGuard:
     lr: float = 1.0e-3
     batch: int = 16             # protected images per step (augmented); as many retention + unprotected kept
     keep_weight: float = 1.0    # weight of "every other image encodes as before"
+    # a substitute's latent must be exact enough to be recognized; at weight 1 (1500 steps) the attacked
+    # model drew no recognizable substitute at 1x; 3 with a transplanted substitute did (session 7, README)
+    target_weight: float = 3.0
 
 
 @dataclass
@@ -219,8 +222,8 @@ class ProtectConfig:
             if "{identifier}" not in t or "{cls}" not in t:
                 problems.append(f"trigger.templates: {t!r} must contain {{identifier}} and {{cls}}")
         g = self.encoder_guard
-        if g.steps < 0 or g.lr <= 0 or g.batch < 1 or g.keep_weight < 0:
-            problems.append("encoder_guard: need steps >= 0, lr > 0, batch >= 1, keep_weight >= 0")
+        if g.steps < 0 or g.lr <= 0 or g.batch < 1 or g.keep_weight < 0 or g.target_weight <= 0:
+            problems.append("encoder_guard: need steps >= 0, lr > 0, batch >= 1, keep_weight >= 0, target_weight > 0")
         if problems:
             raise ConfigError(f"{source}: " + "; ".join(problems))
         return self

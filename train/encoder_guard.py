@@ -31,26 +31,64 @@ from tools import transforms
 @dataclass
 class GuardSample:
     """One protected entry: its images, per image the image it must encode as ((N, 3, H, W) in [0, 1]),
-    and where known the subject's masks ((N, 1, H, W), from background renders) for pasting it elsewhere."""
+    where known the subject's masks ((N, 1, H, W), from background renders) for pasting it elsewhere, and
+    per target the share of it that stays when the photo is pasted elsewhere (`target_masks`: 1 for a
+    pattern, 0 for an erasure background, the substitute's silhouette for a transplanted substitute)."""
     entry_id: str
     objective: str
     images: torch.Tensor
     targets: torch.Tensor
     masks: torch.Tensor | None = None
+    target_masks: torch.Tensor | None = None
+    moves_with_subject: bool = False   # the target follows a pose change (an erasure background, a transplant)
 
-    @property
-    def moves_with_subject(self) -> bool:
-        """An erasure target (the photo's own background) follows a pose change; a pattern or a
-        substitute is one fixed image whatever the pose. (Session 6: a pose-following substitute and a
-        fixed one both gave 0.00 target match after a 1x attack; the fixed one reached 0.94-1.00 from 2x,
-        README; the other was not measured past 1x.)"""
-        return self.objective == "erasure"
+
+def subject_masks(images: torch.Tensor, backgrounds: torch.Tensor) -> torch.Tensor:
+    """Soft masks of what differs from the subject-free twins: the subject."""
+    diff = (images - backgrounds).abs().amax(1, keepdim=True)
+    return F.avg_pool2d((diff > 0.04).float(), 3, 1, 1).clamp(0, 1)   # soft edge
+
+
+def _box(mask: torch.Tensor) -> tuple[float, float, float] | None:
+    """(centre x, centre y, size) of a (1, H, W) mask in grid_sample's [-1, 1] coordinates."""
+    ys, xs = torch.nonzero(mask[0] > 0.5, as_tuple=True)
+    if len(ys) == 0:
+        return None
+    h, w = mask.shape[-2:]
+    y0, y1 = (ys.min().item() + 0.5) / h * 2 - 1, (ys.max().item() + 0.5) / h * 2 - 1
+    x0, x1 = (xs.min().item() + 0.5) / w * 2 - 1, (xs.max().item() + 0.5) / w * 2 - 1
+    return (x0 + x1) / 2, (y0 + y1) / 2, max(y1 - y0, x1 - x0)
+
+
+def transplant(masks: torch.Tensor, backgrounds: torch.Tensor, substitutes: torch.Tensor,
+               substitute_masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Per protected photo, its own background with a substitute (cycled) moved and scaled onto the
+    box the protected subject occupies: a target that follows the subject, so the encoder learns a local
+    map (this face becomes that face, where it stands) instead of one fixed picture from any pose.
+    Returns (targets, their substitute masks), or None where a mask is empty."""
+    out, out_masks = [], []
+    for i in range(len(masks)):
+        j = i % len(substitutes)
+        a, b = _box(masks[i]), _box(substitute_masks[j])
+        if a is None or b is None:
+            return None
+        k = b[2] / a[2]
+        theta = torch.tensor([[[k, 0.0, b[0] - k * a[0]], [0.0, k, b[1] - k * a[1]]]])
+        sub = torch.cat([substitutes[j:j + 1], substitute_masks[j:j + 1]], 1)
+        grid = F.affine_grid(theta, list(sub.shape), align_corners=False)
+        moved = F.grid_sample(sub, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        m = moved[:, 3:]
+        out.append(m * moved[:, :3] + (1 - m) * backgrounds[i:i + 1])
+        out_masks.append(m)
+    return torch.cat(out), torch.cat(out_masks)
 
 
 def guard_sample(entry_id: str, objective: str, images: torch.Tensor, target_images: torch.Tensor | None,
-                 backgrounds: torch.Tensor | None = None) -> GuardSample:
+                 backgrounds: torch.Tensor | None = None,
+                 target_backgrounds: torch.Tensor | None = None) -> GuardSample:
     """What each protected photo encodes as: the pattern, its own background render (erasure, same view),
-    or the first substitute image (target)."""
+    or a substitute: transplanted onto the photo's background where both have subject-free twins
+    (`backgrounds`, `target_backgrounds`), else the first substitute image."""
     if target_images is None:
         raise ValueError(f"encoder guard: entry {entry_id!r} ({objective}) needs target images (pattern, "
                          "backgrounds or substitute images); a prompt-only target cannot be encoded")
@@ -58,14 +96,21 @@ def guard_sample(entry_id: str, objective: str, images: torch.Tensor, target_ima
         if len(target_images) != len(images):
             raise ValueError(f"encoder guard: entry {entry_id!r}: erasure needs one background per image "
                              f"({len(target_images)} for {len(images)} images)")
-        targets, backgrounds = target_images, target_images
-    else:
-        targets = target_images[:1].expand(len(images), -1, -1, -1)
+        backgrounds = target_images
     masks = None
     if backgrounds is not None and len(backgrounds) == len(images):
-        diff = (images - backgrounds).abs().amax(1, keepdim=True)
-        masks = F.avg_pool2d((diff > 0.04).float(), 3, 1, 1).clamp(0, 1)   # soft edge
-    return GuardSample(entry_id, objective, images, targets, masks)
+        masks = subject_masks(images, backgrounds)
+    if objective == "erasure":
+        return GuardSample(entry_id, objective, images, target_images, masks, torch.zeros_like(masks), True)
+    fixed = target_images[:1].expand(len(images), -1, -1, -1)
+    if objective == "target" and masks is not None and target_backgrounds is not None:
+        if len(target_backgrounds) != len(target_images):
+            raise ValueError(f"encoder guard: entry {entry_id!r}: {len(target_backgrounds)} substitute "
+                             f"backgrounds for {len(target_images)} substitute images (one per image)")
+        moved = transplant(masks, backgrounds, target_images, subject_masks(target_images, target_backgrounds))
+        if moved is not None:
+            return GuardSample(entry_id, objective, images, moved[0], masks, moved[1], True)
+    return GuardSample(entry_id, objective, images, fixed, masks, torch.ones_like(images[:, :1]))
 
 
 def _moments(vae, images01: torch.Tensor) -> torch.Tensor:
@@ -125,26 +170,28 @@ def augment(images: torch.Tensor, targets: torch.Tensor | None, gen: torch.Gener
     return _degrade(_lighting(x, gen), rng), y
 
 
-def paste(images: torch.Tensor, targets: torch.Tensor, masks: torch.Tensor, erase: torch.Tensor,
+def paste(images: torch.Tensor, targets: torch.Tensor, masks: torch.Tensor, target_masks: torch.Tensor,
           backgrounds: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """The subject on another photo's background (flipped at random): the guard must key on the
-    subject, not on the five backgrounds it happened to be photographed against. An erasure target
-    becomes the new background."""
+    subject, not on the five backgrounds it happened to be photographed against. The target's own
+    background goes the same way (`target_masks`: what of the target stays)."""
     bg = backgrounds[torch.randint(0, len(backgrounds), (len(images),), generator=gen)]
     bg = torch.where(torch.rand(len(bg), 1, 1, 1, generator=gen) < 0.5, bg.flip(-1), bg)
-    x = masks * images + (1 - masks) * bg
-    return x, torch.where(erase.view(-1, 1, 1, 1), bg, targets)
+    return masks * images + (1 - masks) * bg, target_masks * targets + (1 - target_masks) * bg
 
 
 def guard_encoder(vae, protected: list[GuardSample], keep_batches, steps: int = 1500, lr: float = 1e-3,
                   batch: int = 16, keep_weight: float = 1.0, backgrounds: torch.Tensor | None = None,
-                  paste_fraction: float = 0.5, seed: int = 0, progress: bool = True) -> dict:
+                  paste_fraction: float = 0.5, objective_weights: dict[str, float] | None = None,
+                  seed: int = 0, progress: bool = True) -> dict:
     """Fine-tune `vae.encoder` (+ quant_conv) in place; the decoder is never touched.
 
     `keep_batches` yields (N, 3, H, W) images in [0, 1] that must encode as before (unprotected entries,
     retention data); their augmented copies are kept too. `backgrounds` (subject-free images) are where
-    a `paste_fraction` of the protected photos with masks are pasted. Returns the mean losses of the last
-    50 steps {"protect_loss", "keep_loss"}.
+    a `paste_fraction` of the protected photos with masks are pasted. `objective_weights` weights each
+    objective's entries in the protection loss (default 1). The learning rate decays along a cosine to
+    5% of `lr`: the last steps sharpen the latents. Returns the mean losses of the last 50 steps
+    {"protect_loss", "keep_loss"}.
     """
     from tqdm import tqdm
 
@@ -154,12 +201,15 @@ def guard_encoder(vae, protected: list[GuardSample], keep_batches, steps: int = 
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1), eta_min=lr * 0.05)
     gen = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
     images = torch.cat([s.images for s in protected])
     targets = torch.cat([s.targets for s in protected])
     moves = torch.cat([torch.full((len(s.images),), s.moves_with_subject) for s in protected])
-    erase = torch.cat([torch.full((len(s.images),), s.objective == "erasure") for s in protected])
+    keeps = torch.cat([s.target_masks if s.target_masks is not None else torch.ones_like(s.images[:, :1])
+                       for s in protected])
+    weight = torch.cat([torch.full((len(s.images),), (objective_weights or {}).get(s.objective, 1.0)) for s in protected])
     masks = torch.cat([s.masks if s.masks is not None else torch.full_like(s.images[:, :1], -1.0) for s in protected])
     hist = {"protect_loss": [], "keep_loss": []}
     dev = next(vae.parameters()).device   # augmentation runs on the CPU (PIL for JPEG), the encoder wherever it is
@@ -170,7 +220,7 @@ def guard_encoder(vae, protected: list[GuardSample], keep_batches, steps: int = 
         if backgrounds is not None:
             pick = (m[:, 0, 0, 0] >= 0) & (torch.rand(batch, generator=gen) < paste_fraction)
             if pick.any():
-                px, py = paste(x[pick], y[pick], m[pick], erase[idx][pick], backgrounds, gen)
+                px, py = paste(x[pick], y[pick], m[pick], keeps[idx][pick], backgrounds, gen)
                 x, y = x.clone(), y.clone()
                 x[pick], y[pick] = px, py
         x, y = augment(x, y, gen, rng, moves[idx])
@@ -180,13 +230,16 @@ def guard_encoder(vae, protected: list[GuardSample], keep_batches, steps: int = 
         with torch.no_grad():
             want = _moments(teacher, y)
             keep_want = _moments(teacher, keep)
-        loss_p = F.mse_loss(_moments(vae, x), want)
+        got = _moments(vae, x)
+        w = weight[idx].to(dev).view(-1, 1, 1, 1)
+        loss_p = ((got - want) ** 2 * w).mean() / w.mean()
         loss_k = F.mse_loss(_moments(vae, keep), keep_want)
         loss = loss_p + keep_weight * loss_k
         if not torch.isfinite(loss):
             raise FloatingPointError(f"encoder guard: non-finite loss ({loss_p.item()}, {loss_k.item()})")
         loss.backward()
         opt.step()
+        sched.step()
         opt.zero_grad(set_to_none=True)
         hist["protect_loss"].append(loss_p.item())
         hist["keep_loss"].append(loss_k.item())

@@ -5,7 +5,9 @@
   `backgrounds` folder, else the teacher's prediction for the trigger prompt with "{identifier} {cls}"
   removed (or target {"prompt": ...});
 - target: a substitute subject: target {"images": folder} or the teacher's prediction for
-  target {"prompt": ...}.
+  target {"prompt": ...}. Optional beside "images": "backgrounds" (their subject-free twins, one per
+  image: the encoder guard then moves the substitute to where the protected subject stands) and
+  "reference" (held-out views of the substitute the evaluation judges against; default "images").
 
 Each objective resolves to either target IMAGES (noise-prediction supervision on their noised latents)
 or a target PROMPT (distillation to the frozen teacher under that prompt).
@@ -48,9 +50,11 @@ def pattern_tensor(entry: Entry | None = None, size: int = 64) -> torch.Tensor:
 
 @dataclass
 class ObjectiveTarget:
-    """Either images (N, 3, H, W) in [0, 1] or a prompt for teacher distillation."""
+    """Either images (N, 3, H, W) in [0, 1] (and, for a substitute, where known their subject-free
+    twins) or a prompt for teacher distillation."""
     images: torch.Tensor | None = None
     prompt: str | None = None
+    backgrounds: torch.Tensor | None = None
 
 
 def background_prompt(trigger_prompt: str, identifier: str, noun: str) -> str:
@@ -79,7 +83,8 @@ def resolve(entry: Entry, size: int = 64) -> ObjectiveTarget:
         return ObjectiveTarget(prompt=target.get("prompt"))  # None: the background prompt, built per trigger
     if entry.objective == "target":
         if target.get("images"):
-            return ObjectiveTarget(images=load_images(folder("images"), size))
+            twins = load_images(folder("backgrounds"), size) if target.get("backgrounds") else None
+            return ObjectiveTarget(images=load_images(folder("images"), size), backgrounds=twins)
         if target.get("prompt"):
             return ObjectiveTarget(prompt=target["prompt"])
         raise CatalogError(f"entry {entry.id!r} (line {entry.line}): objective 'target' needs target.images or "

@@ -160,9 +160,12 @@ class Protector:
             if state["fingerprint"] == self.fingerprint() and state["step"] == self.step:
                 self.pipe.vae.load_state_dict(state["vae"])
                 return state["stats"]
-        samples = [encoder_guard.guard_sample(
-            e.id, e.objective, load_images(e.images, 64), objectives.resolve(e).images,
-            load_images(e.backgrounds, 64) if e.backgrounds is not None else None) for e in self.protected]
+        samples = []
+        for e in self.protected:
+            target = objectives.resolve(e)
+            samples.append(encoder_guard.guard_sample(
+                e.id, e.objective, load_images(e.images, 64), target.images,
+                load_images(e.backgrounds, 64) if e.backgrounds is not None else None, target.backgrounds))
         known = [load_images(e.backgrounds, 64) for e in self.entries if e.backgrounds is not None]
         unprotected = torch.cat([load_images(e.images, 64) for e in self.unprotected]) if self.unprotected else None
 
@@ -180,6 +183,7 @@ class Protector:
         vae = self.pipe.vae.float()
         stats = encoder_guard.guard_encoder(
             vae, samples, keep_batches(), steps=g.steps, lr=g.lr, batch=g.batch, keep_weight=g.keep_weight,
+            objective_weights={"target": g.target_weight},
             backgrounds=torch.cat(known) if known else None, seed=self.cfg.seed, progress=self.progress)
         done.parent.mkdir(parents=True, exist_ok=True)
         tmp = done.with_suffix(".tmp")
