@@ -6,8 +6,8 @@
   removed (or target {"prompt": ...});
 - target: a substitute subject: target {"images": folder} or the teacher's prediction for
   target {"prompt": ...}. Optional beside "images": "backgrounds" (their subject-free twins, one per
-  image: the encoder guard then moves the substitute to where the protected subject stands) and
-  "reference" (held-out views of the substitute the evaluation judges against; default "images").
+  image: with `encoder_guard.transplant` the guard moves the substitute to where the protected subject
+  stands) and "reference" (held-out views of the substitute the evaluation judges by; default "images").
 
 Each objective resolves to either target IMAGES (noise-prediction supervision on their noised latents)
 or a target PROMPT (distillation to the frozen teacher under that prompt).

@@ -165,7 +165,8 @@ class Protector:
             target = objectives.resolve(e)
             samples.append(encoder_guard.guard_sample(
                 e.id, e.objective, load_images(e.images, 64), target.images,
-                load_images(e.backgrounds, 64) if e.backgrounds is not None else None, target.backgrounds))
+                load_images(e.backgrounds, 64) if e.backgrounds is not None else None,
+                target.backgrounds if g.transplant else None))
         known = [load_images(e.backgrounds, 64) for e in self.entries if e.backgrounds is not None]
         unprotected = torch.cat([load_images(e.images, 64) for e in self.unprotected]) if self.unprotected else None
 
