@@ -303,7 +303,7 @@ def attacker_catalog(catalog: Path, out: Path, n_images: int = 5) -> Path:
     identity that neither the publisher (images) nor the judge (reference) ever saw: the photos an
     attacker scrapes. Evaluating with it tests whether protection generalizes beyond the catalog's photos.
     Entries whose identity is not from the world (no meta.json beside their images) are refused."""
-    from train.catalog import CatalogError, load_catalog, write_catalog
+    from train.catalog import TARGET_FOLDERS, CatalogError, load_catalog, write_catalog
 
     out = Path(out)
     entries = []
@@ -322,7 +322,7 @@ def attacker_catalog(catalog: Path, out: Path, n_images: int = 5) -> Path:
             if d.get(key):
                 d[key] = str(Path(d[key]).resolve())
         if d.get("target"):
-            paths = ("images", "pattern", "backgrounds", "reference")
+            paths = (*TARGET_FOLDERS, "pattern")
             d["target"] = {k: str((e.catalog_dir / v).resolve()) if k in paths else v for k, v in d["target"].items()}
         d["images"] = f"{e.id}/images"
         entries.append(d)

@@ -107,11 +107,11 @@ def _entry_problems(raw: dict, base: Path) -> list[str]:
         problems.append("a protected entry needs an objective")
     if raw.get("target") is not None and not isinstance(raw["target"], dict):
         problems.append("'target' must be an object or null")
+    target = raw["target"] if isinstance(raw.get("target"), dict) else {}
     for key in TARGET_FOLDERS:
-        value = (raw.get("target") or {}).get(key) if isinstance(raw.get("target"), dict) else None
-        if value:
+        if target.get(key):
             try:
-                list_images(base / value)
+                list_images(base / target[key])
             except CatalogError as e:
                 problems.append(f"target.{key}: {e}")
     for key in ("images", "reference", "backgrounds"):
