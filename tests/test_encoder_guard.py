@@ -155,3 +155,5 @@ def test_guard_config_is_validated(tmp_path):
 
     with pytest.raises(ConfigError, match="encoder_guard"):
         load_config(None, ["catalog=x.jsonl", "encoder_guard.lr=0"])
+    with pytest.raises(ConfigError, match="paste_fraction"):
+        load_config(None, ["catalog=x.jsonl", "encoder_guard.paste_fraction=1.5"])

@@ -79,11 +79,18 @@ def test_ablate_runs_each_variant_and_tabulates(tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text(f"catalog: {catalog}\nsteps: 1\nbatch_protected: 2\nprior: {{retention_batch: 2}}\n"
                       "retention: {slots: 1, inner_steps: 1}\nlogging: {probe_every: -1, wandb_mode: disabled}\n")
-    assert main(["ablate", "--config", str(config), "--out", str(tmp_path / "abl"), "--suite", "smoke",
-                 "--samples", "2", "--only", "no-retention,second-order-restart"]) == 0
+    assert main(["ablate", "--config", str(config), "--set", "unet-implant", "--out", str(tmp_path / "abl"),
+                 "--suite", "smoke", "--samples", "2", "--only", "no-retention,second-order-restart",
+                 "steps=1"]) == 0
     rows = json.loads((tmp_path / "abl" / "ablation.json").read_text())
-    assert list(rows) == ["no-retention", "second-order-restart"]
+    assert list(rows) == ["original", "no-retention", "second-order-restart"]
     assert rows["no-retention"]["overrides"] == ["weights.retention=0"]
     assert 0 <= rows["second-order-restart"]["clean_class_accuracy"] <= 1 and rows["no-retention"]["protect_seconds"] > 0
     assert (tmp_path / "abl" / "no-retention" / "protected" / "model_index.json").is_file()
-    assert "| no-retention | weights.retention=0 |" in (tmp_path / "abl" / "ablation.md").read_text()
+    md = (tmp_path / "abl" / "ablation.md").read_text()
+    assert "| no-retention | weights.retention=0 |" in md and "[unet-implant]" in md
+    report = tmp_path / "abl" / "no-retention" / "eval" / "report.json"
+    stamp = report.stat().st_mtime_ns
+    assert main(["ablate", "--config", str(config), "--set", "unet-implant", "--out", str(tmp_path / "abl"),
+                 "--suite", "smoke", "--samples", "2", "--only", "no-retention", "steps=1"]) == 0
+    assert report.stat().st_mtime_ns == stamp   # a finished variant is not redone

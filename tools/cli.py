@@ -201,7 +201,7 @@ def cmd_launch(a):
 def cmd_ablate(a):
     from tools.ablation import ablate
 
-    ablate(Path(a.config), Path(a.out), suite=a.suite, n_samples=a.samples, seed=a.seed,
+    ablate(Path(a.config), Path(a.out), variant_set=a.set, suite=a.suite, n_samples=a.samples, seed=a.seed,
            only=a.only.split(",") if a.only else None, overrides=a.overrides)
     print((Path(a.out) / "ablation.md").read_text())
 
@@ -380,8 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("overrides", nargs="*", help="key=value overrides, e.g. cluster.executor=local cluster.tasks_per_node=2")
     s.set_defaults(func=cmd_launch)
 
-    s = sub.add_parser("ablate", help="protect + evaluate each variant of configs/ablations.yaml; one table")
+    s = sub.add_parser("ablate", help="protect + evaluate each variant of a set of configs/ablations.yaml; one table")
     s.add_argument("--config", required=True, help="the run config every variant starts from")
+    s.add_argument("--set", default="encoder-guard", help="unet-implant | encoder-guard (configs/ablations.yaml)")
     s.add_argument("--out", required=True)
     s.add_argument("--suite", default="white-box")
     s.add_argument("--samples", type=int, default=32)

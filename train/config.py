@@ -109,6 +109,8 @@ class EncoderGuard:
     lr: float = 1.0e-3
     batch: int = 16             # protected images per step (augmented); as many retention + unprotected kept
     keep_weight: float = 1.0    # weight of "every other image encodes as before"
+    augment: bool = True        # random pose, lighting and degradation of every training photo
+    paste_fraction: float = 0.5  # share of protected photos pasted onto other photos' backgrounds
     # Move the substitute onto each protected photo where the protected subject stands (needs
     # target.backgrounds, else one fixed substitute picture), with target entries weighted 3x. Session 7,
     # judged against held-out views of the substitute, target BSR at 0.5x-8x the attack: transplant
@@ -225,8 +227,10 @@ class ProtectConfig:
             if "{identifier}" not in t or "{cls}" not in t:
                 problems.append(f"trigger.templates: {t!r} must contain {{identifier}} and {{cls}}")
         g = self.encoder_guard
-        if g.steps < 0 or g.lr <= 0 or g.batch < 1 or g.keep_weight < 0 or g.target_weight <= 0:
-            problems.append("encoder_guard: need steps >= 0, lr > 0, batch >= 1, keep_weight >= 0, target_weight > 0")
+        if g.steps < 0 or g.lr <= 0 or g.batch < 1 or g.keep_weight < 0 or g.target_weight <= 0 \
+                or not 0 <= g.paste_fraction <= 1:
+            problems.append("encoder_guard: need steps >= 0, lr > 0, batch >= 1, keep_weight >= 0, target_weight > 0, "
+                            "0 <= paste_fraction <= 1")
         if problems:
             raise ConfigError(f"{source}: " + "; ".join(problems))
         return self

@@ -183,12 +183,13 @@ def paste(images: torch.Tensor, targets: torch.Tensor, masks: torch.Tensor, targ
 def guard_encoder(vae, protected: list[GuardSample], keep_batches, steps: int = 1500, lr: float = 1e-3,
                   batch: int = 16, keep_weight: float = 1.0, backgrounds: torch.Tensor | None = None,
                   paste_fraction: float = 0.5, objective_weights: dict[str, float] | None = None,
-                  seed: int = 0, progress: bool = True) -> dict:
+                  augment_photos: bool = True, seed: int = 0, progress: bool = True) -> dict:
     """Fine-tune `vae.encoder` (+ quant_conv) in place; the decoder is never touched.
 
     `keep_batches` yields (N, 3, H, W) images in [0, 1] that must encode as before (unprotected entries,
     retention data); their augmented copies are kept too. `backgrounds` (subject-free images) are where
-    a `paste_fraction` of the protected photos with masks are pasted. `objective_weights` weights each
+    a `paste_fraction` of the protected photos with masks are pasted; `augment_photos` (default on) adds
+    the random pose, lighting and degradation of `augment` to every photo. `objective_weights` weights each
     objective's entries in the protection loss (default 1). The learning rate decays along a cosine to
     5% of `lr`: the last steps sharpen the latents. Returns the mean losses of the last 50 steps
     {"protect_loss", "keep_loss"}.
@@ -223,9 +224,11 @@ def guard_encoder(vae, protected: list[GuardSample], keep_batches, steps: int = 
                 px, py = paste(x[pick], y[pick], m[pick], keeps[idx][pick], backgrounds, gen)
                 x, y = x.clone(), y.clone()
                 x[pick], y[pick] = px, py
-        x, y = augment(x, y, gen, rng, moves[idx])
         keep = next(keep_batches).cpu()
-        kx, _ = augment(keep, None, gen, rng)
+        kx = keep
+        if augment_photos:
+            x, y = augment(x, y, gen, rng, moves[idx])
+            kx, _ = augment(keep, None, gen, rng)
         x, y, keep = x.to(dev), y.to(dev), torch.cat([keep, kx]).to(dev)
         with torch.no_grad():
             want = _moments(teacher, y)

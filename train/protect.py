@@ -184,7 +184,7 @@ class Protector:
         vae = self.pipe.vae.float()
         stats = encoder_guard.guard_encoder(
             vae, samples, keep_batches(), steps=g.steps, lr=g.lr, batch=g.batch, keep_weight=g.keep_weight,
-            objective_weights={"target": g.target_weight},
+            objective_weights={"target": g.target_weight}, augment_photos=g.augment, paste_fraction=g.paste_fraction,
             backgrounds=torch.cat(known) if known else None, seed=self.cfg.seed, progress=self.progress)
         done.parent.mkdir(parents=True, exist_ok=True)
         tmp = done.with_suffix(".tmp")
