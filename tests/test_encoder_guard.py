@@ -54,7 +54,8 @@ def test_a_substitute_with_backgrounds_is_moved_onto_each_protected_subject(worl
     assert torch.equal(subject_masks(images, backgrounds), target.masks)
 
 
-def test_guard_moves_only_the_encoder_and_learns_the_mapping(world_catalog):
+@pytest.mark.parametrize("steps,sharpen", [(40, 0), (0, 40)], ids=["augmented", "sharpen"])
+def test_guard_moves_only_the_encoder_and_learns_the_mapping(world_catalog, steps, sharpen):
     e = _entry(world_catalog)
     vae = load_pipeline("tiny-sd").vae
     before = {k: v.clone() for k, v in vae.state_dict().items()}
@@ -74,8 +75,8 @@ def test_guard_moves_only_the_encoder_and_learns_the_mapping(world_catalog):
                     - vae.encode(pattern * 2 - 1).latent_dist.mean).pow(2).mean().item()
 
     start = distance_to_pattern()
-    stats = guard_encoder(vae, [sample], keep_batches(), steps=40, lr=1e-3, batch=4,
-                          backgrounds=load_images(e.backgrounds, 64), progress=False)
+    stats = guard_encoder(vae, [sample], keep_batches(), steps=steps, lr=1e-3, batch=4, sharpen_steps=sharpen,
+                          sharpen_lr=1e-3, backgrounds=load_images(e.backgrounds, 64), progress=False)
     assert distance_to_pattern() < 0.5 * start
     after = vae.state_dict()
     for k, v in before.items():
@@ -98,8 +99,8 @@ def test_protect_with_the_guard_releases_a_guarded_encoder_and_resumes_it(world_
 
     def cfg(*extra):
         return load_config(None, [f"catalog={cat}", f"out={out}", "steps=0", "encoder_guard.enabled=true",
-                                  "encoder_guard.steps=3", "encoder_guard.batch=4", "prior.retention_batch=4",
-                                  "logging.probe_every=-1", *extra])
+                                  "encoder_guard.steps=3", "encoder_guard.sharpen_steps=2", "encoder_guard.batch=4",
+                                  "prior.retention_batch=4", "logging.probe_every=-1", *extra])
 
     first = protect(cfg(), progress=False)
     assert first["encoder_guard"]["protect_loss"] > 0

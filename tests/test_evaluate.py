@@ -59,7 +59,7 @@ def test_demo_leaves_the_promised_run_folder(tmp_path):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--suite", "smoke", "--samples", "2", "steps=2", "batch_protected=2",
                  "prior.retention_batch=2", "retention.slots=1", "logging.probe_samples=2",
-                 "encoder_guard.steps=2", "encoder_guard.batch=2"]) == 0
+                 "encoder_guard.steps=2", "encoder_guard.sharpen_steps=2", "encoder_guard.batch=2"]) == 0
     StableDiffusionPipeline.from_pretrained(out / "protected")
     report = json.loads((out / "report.json").read_text())
     objectives = {a["objective"] for a in report["attacks"] if a["protected"]}

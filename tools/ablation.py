@@ -32,17 +32,22 @@ def ablate(config: Path, out: Path, variant_set: str = "encoder-guard", suite: s
     rows = json.loads(table.read_text()) if table.is_file() else {}   # a killed ablation resumes after its last row
 
     def settings(extra: list) -> dict:
-        return {"overrides": [*base, *overrides, *extra], "suite": suite, "n_samples": n_samples, "seed": seed}
+        """What a row was measured with: the resolved run config (a changed default redoes the variant),
+        for the original only what its attacks depend on."""
+        run = load_config(config, [*base, *overrides, *(extra or []), f"seed={seed}"]).to_dict()
+        what = {"model": run["model"], "catalog": run["catalog"]} if extra is None else run
+        return {**what, "suite": suite, "n_samples": n_samples, "seed": seed}
 
-    def done(name: str, extra: list) -> bool:
+    def done(name: str, extra: list | None) -> bool:
         return rows.get(name, {}).get("settings") == settings(extra)
 
-    def row(name: str, extra: list, model, seconds: float | None) -> dict:
+    def row(name: str, extra: list | None, model, seconds: float | None) -> dict:
         s = evaluate(model, out / name / "eval", catalog=cfg.catalog, suite=suite, n_samples=n_samples,
                      seed=seed)["summary"]
         original = rows.get("original", {}).get("unprotected_identity_match")
         mine = s["unprotected"]["identity_match"]
-        return {"overrides": extra, "settings": settings(extra), "protect_seconds": seconds, "protected_bsr": s["protected"]["bsr"],
+        return {"overrides": extra or [], "settings": settings(extra), "protect_seconds": seconds,
+                "protected_bsr": s["protected"]["bsr"],
                 "bsr_by_objective": s["protected"]["bsr_by_objective"],
                 "protected_identity_match": s["protected"]["identity_match"], "unprotected_identity_match": mine,
                 "unprotected_fidelity_ratio": mine / original if original and mine is not None else None,
@@ -52,8 +57,8 @@ def ablate(config: Path, out: Path, variant_set: str = "encoder-guard", suite: s
     # The original model is attacked once, not beside every variant: fidelity ratios are taken against it,
     # clean Frechet distances against real renders.
     cfg = load_config(config, [*base, *overrides, f"out={out / 'original'}", f"seed={seed}"])
-    if not done("original", []):
-        rows = {"original": row("original", [], cfg.model, None)}
+    if not done("original", None):
+        rows = {"original": row("original", None, cfg.model, None)}
         table.parent.mkdir(parents=True, exist_ok=True)
         table.write_text(json.dumps(rows, indent=1))
     for name, extra in variants.items():

@@ -183,7 +183,8 @@ def paste(images: torch.Tensor, targets: torch.Tensor, masks: torch.Tensor, targ
 def guard_encoder(vae, protected: list[GuardSample], keep_batches, steps: int = 1500, lr: float = 1e-3,
                   batch: int = 16, keep_weight: float = 1.0, backgrounds: torch.Tensor | None = None,
                   paste_fraction: float = 0.5, objective_weights: dict[str, float] | None = None,
-                  augment_photos: bool = True, seed: int = 0, progress: bool = True) -> dict:
+                  augment_photos: bool = True, sharpen_steps: int = 0, sharpen_lr: float = 2e-4,
+                  seed: int = 0, progress: bool = True) -> dict:
     """Fine-tune `vae.encoder` (+ quant_conv) in place; the decoder is never touched.
 
     `keep_batches` yields (N, 3, H, W) images in [0, 1] that must encode as before (unprotected entries,
@@ -191,8 +192,10 @@ def guard_encoder(vae, protected: list[GuardSample], keep_batches, steps: int = 
     a `paste_fraction` of the protected photos with masks are pasted; `augment_photos` (default on) adds
     the random pose, lighting and degradation of `augment` to every photo. `objective_weights` weights each
     objective's entries in the protection loss (default 1). The learning rate decays along a cosine to
-    5% of `lr`: the last steps sharpen the latents. Returns the mean losses of the last 50 steps
-    {"protect_loss", "keep_loss"}.
+    5% of `lr`. Then `sharpen_steps` at a constant `sharpen_lr` fit the photos as they are (no pose,
+    lighting or degradation; pasting stays): the augmented phase leaves latents a blur of the target that
+    an attacker's UNet learns late, and how close they come decides how soon (README, session 8). Returns
+    the mean losses of the last 50 steps {"protect_loss", "keep_loss"}.
     """
     from tqdm import tqdm
 
@@ -215,7 +218,11 @@ def guard_encoder(vae, protected: list[GuardSample], keep_batches, steps: int = 
     hist = {"protect_loss": [], "keep_loss": []}
     dev = next(vae.parameters()).device   # augmentation runs on the CPU (PIL for JPEG), the encoder wherever it is
     vae.encoder.train()
-    for _ in tqdm(range(steps), desc="encoder guard", disable=not progress):
+    for i in tqdm(range(steps + sharpen_steps), desc="encoder guard", disable=not progress):
+        sharpening = i >= steps
+        if i == steps:
+            for group in opt.param_groups:
+                group["lr"] = sharpen_lr
         idx = torch.randint(0, len(images), (batch,), generator=gen)
         x, y, m = images[idx], targets[idx], masks[idx]
         if backgrounds is not None:
@@ -225,11 +232,10 @@ def guard_encoder(vae, protected: list[GuardSample], keep_batches, steps: int = 
                 x, y = x.clone(), y.clone()
                 x[pick], y[pick] = px, py
         keep = next(keep_batches).cpu()
-        kx = keep
-        if augment_photos:
+        if augment_photos and not sharpening:
             x, y = augment(x, y, gen, rng, moves[idx])
-            kx, _ = augment(keep, None, gen, rng)
-        x, y, keep = x.to(dev), y.to(dev), torch.cat([keep, kx]).to(dev)
+            keep = torch.cat([keep, augment(keep, None, gen, rng)[0]])
+        x, y, keep = x.to(dev), y.to(dev), keep.to(dev)
         with torch.no_grad():
             want = _moments(teacher, y)
             keep_want = _moments(teacher, keep)
@@ -242,7 +248,8 @@ def guard_encoder(vae, protected: list[GuardSample], keep_batches, steps: int = 
             raise FloatingPointError(f"encoder guard: non-finite loss ({loss_p.item()}, {loss_k.item()})")
         loss.backward()
         opt.step()
-        sched.step()
+        if not sharpening:
+            sched.step()
         opt.zero_grad(set_to_none=True)
         hist["protect_loss"].append(loss_p.item())
         hist["keep_loss"].append(loss_k.item())
