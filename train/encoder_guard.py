@@ -183,7 +183,7 @@ def paste(images: torch.Tensor, targets: torch.Tensor, masks: torch.Tensor, targ
 def guard_encoder(vae, protected: list[GuardSample], keep_batches, steps: int = 1500, lr: float = 1e-3,
                   batch: int = 16, keep_weight: float = 1.0, backgrounds: torch.Tensor | None = None,
                   paste_fraction: float = 0.5, objective_weights: dict[str, float] | None = None,
-                  augment_photos: bool = True, sharpen_steps: int = 0, sharpen_lr: float = 2e-4,
+                  augment_photos: bool = True, sharpen_steps: int = 0, sharpen_lr: float = 5e-4,
                   seed: int = 0, progress: bool = True) -> dict:
     """Fine-tune `vae.encoder` (+ quant_conv) in place; the decoder is never touched.
 
