@@ -254,4 +254,21 @@ def guard_encoder(vae, protected: list[GuardSample], keep_batches, steps: int = 
         hist["protect_loss"].append(loss_p.item())
         hist["keep_loss"].append(loss_k.item())
     vae.eval().requires_grad_(False)
-    return {k: float(np.mean(v[-50:])) if v else None for k, v in hist.items()}
+    stats = {k: float(np.mean(v[-50:])) if v else None for k, v in hist.items()}
+    stats["latent_gap"] = latent_gap(vae, teacher, protected)
+    return stats
+
+
+@torch.no_grad()
+def latent_gap(vae, teacher, protected: list[GuardSample]) -> dict[str, float]:
+    """Per objective, how far the catalog photos' latents still are from their targets': squared distance
+    to the teacher's target latents over the teacher's own photo-to-target distance (0 = the attacker
+    trains on the target itself, 1 = unguarded). Session 8: the target objective is learned within the
+    attack's default length below about 0.1 (README)."""
+    gaps: dict[str, list[float]] = {}
+    for s in protected:
+        dev = next(vae.parameters()).device
+        x, y = s.images.to(dev) * 2 - 1, s.targets.to(dev) * 2 - 1
+        got, own, want = vae.encode(x).latent_dist.mean, teacher.encode(x).latent_dist.mean, teacher.encode(y).latent_dist.mean
+        gaps.setdefault(s.objective, []).append(((got - want).pow(2).sum() / (own - want).pow(2).sum().clamp_min(1e-12)).item())
+    return {o: float(np.mean(v)) for o, v in gaps.items()}

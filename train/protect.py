@@ -632,7 +632,9 @@ def protect(cfg: ProtectConfig, progress: bool = True) -> dict:
     metrics = {"steps": p.step, "resumed": resumed, "world_size": p.world, "seconds": time.time() - t0,
                "final_losses": last, "probe": probe, "encoder_guard": guard}
     folder = p.export(metrics)
-    tracker.finish({"seconds": metrics["seconds"], **probe, **{f"encoder_guard/{k}": v for k, v in (guard or {}).items()}})
+    flat = {f"encoder_guard/{k}" + (f"/{o}" if o else ""): x for k, v in (guard or {}).items()
+            for o, x in (v.items() if isinstance(v, dict) else [("", v)])}
+    tracker.finish({"seconds": metrics["seconds"], **probe, **flat})
     p.engine.barrier()   # no rank leaves before rank 0 is done (a launcher stops a job when one task ends)
     if p.rank != 0:
         return {}
