@@ -31,7 +31,7 @@ def ablate(config: Path, out: Path, variant_set: str = "encoder-guard", suite: s
     table = out / "ablation.json"
     rows = json.loads(table.read_text()) if table.is_file() else {}   # a killed ablation resumes after its last row
 
-    def settings(extra: list) -> dict:
+    def settings(extra: list | None) -> dict:
         """What a row was measured with: the resolved run config (a changed default redoes the variant),
         for the original only what its attacks depend on."""
         run = load_config(config, [*base, *overrides, *(extra or []), f"seed={seed}"]).to_dict()

@@ -195,7 +195,7 @@ def guard_encoder(vae, protected: list[GuardSample], keep_batches, steps: int = 
     5% of `lr`. Then `sharpen_steps` at a constant `sharpen_lr` fit the photos as they are (no pose,
     lighting or degradation; pasting stays): the augmented phase leaves latents a blur of the target that
     an attacker's UNet learns late, and how close they come decides how soon (README, session 8). Returns
-    the mean losses of the last 50 steps {"protect_loss", "keep_loss"}.
+    the mean losses of the last 50 steps {"protect_loss", "keep_loss"} and `latent_gap` per objective.
     """
     from tqdm import tqdm
 
@@ -263,11 +263,11 @@ def guard_encoder(vae, protected: list[GuardSample], keep_batches, steps: int = 
 def latent_gap(vae, teacher, protected: list[GuardSample]) -> dict[str, float]:
     """Per objective, how far the catalog photos' latents still are from their targets': squared distance
     to the teacher's target latents over the teacher's own photo-to-target distance (0 = the attacker
-    trains on the target itself, 1 = unguarded). Session 8: the target objective is learned within the
-    attack's default length below about 0.1 (README)."""
+    trains on the target itself, 1 = unguarded). Session 8: the demo's substitute was learned within the
+    attack's default length below about 0.1; across identities the absolute residual matters too (README)."""
     gaps: dict[str, list[float]] = {}
+    dev = next(vae.parameters()).device
     for s in protected:
-        dev = next(vae.parameters()).device
         x, y = s.images.to(dev) * 2 - 1, s.targets.to(dev) * 2 - 1
         got, own, want = vae.encode(x).latent_dist.mean, teacher.encode(x).latent_dist.mean, teacher.encode(y).latent_dist.mean
         gaps.setdefault(s.objective, []).append(((got - want).pow(2).sum() / (own - want).pow(2).sum().clamp_min(1e-12)).item())
