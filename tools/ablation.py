@@ -15,7 +15,8 @@ ABLATIONS = REPO / "configs" / "ablations.yaml"
 
 
 def ablate(config: Path, out: Path, variant_set: str = "encoder-guard", suite: str = "white-box",
-           n_samples: int = 32, seed: int = 0, only: list[str] | None = None, overrides: list[str] = ()) -> dict:
+           n_samples: int = 32, seed: int = 0, only: list[str] | None = None, overrides: list[str] = (),
+           workers: int = 1) -> dict:
     from tools.evaluate import evaluate
     from train.config import load_config
     from train.protect import protect
@@ -43,7 +44,7 @@ def ablate(config: Path, out: Path, variant_set: str = "encoder-guard", suite: s
 
     def row(name: str, extra: list | None, model, seconds: float | None) -> dict:
         s = evaluate(model, out / name / "eval", catalog=cfg.catalog, suite=suite, n_samples=n_samples,
-                     seed=seed)["summary"]
+                     seed=seed, workers=workers)["summary"]
         original = rows.get("original", {}).get("unprotected_identity_match")
         mine = s["unprotected"]["identity_match"]
         return {"overrides": extra or [], "settings": settings(extra), "protect_seconds": seconds,

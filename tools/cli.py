@@ -152,7 +152,7 @@ def cmd_evaluate(a):
     from tools.evaluate import evaluate
 
     evaluate(a.model, Path(a.out), catalog=a.catalog, suite=a.suite, baseline=a.baseline,
-                      n_samples=a.samples, seed=a.seed)
+             n_samples=a.samples, seed=a.seed, workers=a.workers)
     print((Path(a.out) / "report.md").read_text())
 
 
@@ -202,7 +202,7 @@ def cmd_ablate(a):
     from tools.ablation import ablate
 
     ablate(Path(a.config), Path(a.out), variant_set=a.set, suite=a.suite, n_samples=a.samples, seed=a.seed,
-           only=a.only.split(",") if a.only else None, overrides=a.overrides)
+           only=a.only.split(",") if a.only else None, overrides=a.overrides, workers=a.workers)
     print((Path(a.out) / "ablation.md").read_text())
 
 
@@ -235,7 +235,8 @@ def cmd_demo(a):
     from tools.demo import run_demo
 
     out = Path(a.out)
-    result = run_demo(out, model=a.model, samples=a.samples, seed=a.seed, overrides=a.overrides, suite=a.suite)
+    result = run_demo(out, model=a.model, samples=a.samples, seed=a.seed, overrides=a.overrides, suite=a.suite,
+                      workers=a.workers)
     print((out / "report.md").read_text())
     print(f"released pipeline: {result['protect']['protected']}\nreport: {out / 'report.md'} (grids in {out / 'grids'})")
 
@@ -352,6 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--samples", type=int, default=32, help="samples per attack")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", required=True)
+    s.add_argument("--workers", type=int, default=1, help="attack processes (the threads are shared among them)")
     s.set_defaults(func=cmd_evaluate)
 
     s = sub.add_parser("aspl", help="the perturbation baseline: Anti-DreamBooth's ASPL on a catalog's images")
@@ -388,6 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--samples", type=int, default=32)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--only", default=None, help="comma-separated variant names")
+    s.add_argument("--workers", type=int, default=1, help="attack processes (the threads are shared among them)")
     s.add_argument("overrides", nargs="*", help="key=value overrides applied to every variant")
     s.set_defaults(func=cmd_ablate)
 
@@ -423,6 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", default="runs/demo")
     s.add_argument("--suite", default="demo", help="attack matrix of the evaluation (configs/suites.yaml)")
+    s.add_argument("--workers", type=int, default=2, help="attack processes (the threads are shared among them); 2: the demo's two cores")
     s.add_argument("overrides", nargs="*", help="key=value overrides of configs/demo.yaml, e.g. steps=100")
     s.set_defaults(func=cmd_demo)
     return p

@@ -60,7 +60,7 @@ def build_demo_catalog(out: Path) -> Path:
 
 
 def run_demo(out: Path, model: str = "tiny-sd", samples: int = 32, seed: int = 0, overrides: list[str] = (),
-             suite: str = "demo") -> dict:
+             suite: str = "demo", workers: int = 2) -> dict:
     from tools.evaluate import evaluate
     from train.config import load_config
     from train.protect import protect
@@ -71,5 +71,5 @@ def run_demo(out: Path, model: str = "tiny-sd", samples: int = 32, seed: int = 0
                                     *overrides])
     result = protect(cfg)
     report = evaluate(result["protected"], out, catalog=catalog, suite=suite, baseline=model,
-                      n_samples=samples, seed=seed)
+                      n_samples=samples, seed=seed, workers=workers)
     return {"protect": result, "report": report}

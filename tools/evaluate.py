@@ -115,40 +115,81 @@ def lookalike(entries: list[Entry], entry: Entry) -> Entry:
     return next((e for e in same if not e.protected), same[0])
 
 
-def _attack_all(pipe, entries: list[Entry], attacks: list[AttackSettings], n_samples: int, seed: int,
-                out: Path | None, label: str, multiples: list[float] | None = None) -> tuple[list[dict], dict]:
-    """Attack every entry with every setting. With `multiples` (e.g. [0.5, 1, 2, 4, 8]) one attack per
-    (entry, setting) runs to the longest length and is sampled at each multiple of its `steps` on the way:
-    one record per multiple, so protection is a curve over the attacker's budget, not a point."""
-    records, samples = [], {}
-    if any(a.mix_fraction for a in attacks):
-        for e in entries:
-            lookalike(entries, e)   # every entry has one, checked before hours of attacks
-    jobs = [(e, a) for e in entries for a in attacks]
-    for k, (entry, settings) in enumerate(tqdm(jobs, desc=f"attacks:{label}")):
-        settings = settings.with_(seed=seed * 1000 + k)
-        stops = {max(1, round(m * settings.steps)): m for m in (multiples or [1])}
-        slot = k % len(attacks)
+def _attack_job(pipe, entry: Entry, settings: AttackSettings, job: int, n_samples: int, seed: int,
+                out: Path | None, label: str, multiples: list[float] | None, slot: int,
+                mix_entry: Entry | None) -> tuple[list[dict], torch.Tensor | None]:
+    """One (entry, setting) attack: its records (one per multiple) and its samples at the suite's length."""
+    records, kept = [], None
+    stops = {max(1, round(m * settings.steps)): m for m in (multiples or [1])}
 
-        def judge(step, attacked):
-            if step not in stops:
-                return
-            run = settings.with_(steps=step)
-            images = sample(attacked, run.instance_prompt(entry.cls), n_samples, seed=seed + k)
-            if stops[step] == 1 or not multiples:
-                samples[(entry.id, slot)] = images
-            records.append({"entry": entry.id, "class": entry.cls, "protected": entry.protected,
-                            "objective": entry.objective, "method": run.method, "attack": attack_label(settings), "multiple": stops[step],
-                            "settings": run.to_json(), **score(images, entry)})
-            if out is not None:
-                grid = out / "grids" / f"{label}__{entry.id}__{slot}-{run.method}-{step}steps.png"
-                save_grid([load_images(entry.reference_dir, 64), images], grid)
-                records[-1]["grid"] = str(grid.relative_to(out))
+    def judge(step, attacked):
+        nonlocal kept
+        if step not in stops:
+            return
+        run = settings.with_(steps=step)
+        images = sample(attacked, run.instance_prompt(entry.cls), n_samples, seed=seed + job)
+        if stops[step] == 1 or not multiples:
+            kept = images
+        records.append({"entry": entry.id, "class": entry.cls, "protected": entry.protected,
+                        "objective": entry.objective, "method": run.method, "attack": attack_label(settings),
+                        "multiple": stops[step], "settings": run.to_json(), **score(images, entry)})
+        if out is not None:
+            grid = out / "grids" / f"{label}__{entry.id}__{slot}-{run.method}-{step}steps.png"
+            save_grid([load_images(entry.reference_dir, 64), images], grid)
+            records[-1]["grid"] = str(grid.relative_to(out))
 
-        mix = load_images(lookalike(entries, entry).images, 64) if settings.mix_fraction else None
-        attack(pipe, load_images(entry.images, 64), entry.cls, settings.with_(steps=max(stops)), on_step=judge,
-               mix_images=mix)
-    return records, samples
+    mix = load_images(mix_entry.images, 64) if mix_entry is not None else None
+    attack(pipe, load_images(entry.images, 64), entry.cls, settings.with_(steps=max(stops)), on_step=judge,
+           mix_images=mix)
+    return records, kept
+
+
+_WORKER_PIPES: dict = {}   # in a worker process: pipelines loaded once per model reference
+
+
+def _attack_job_in_worker(model: str, *args):
+    if model not in _WORKER_PIPES:
+        _WORKER_PIPES[model] = load_pipeline(model)
+    return _attack_job(_WORKER_PIPES[model], *args)
+
+
+def _attack_all(models: dict[str, tuple[str, object]], entries: list[Entry], attacks: list[AttackSettings],
+                n_samples: int, seed: int, out: Path | None, multiples: list[float] | None = None,
+                workers: int = 1) -> dict[str, tuple[list[dict], dict]]:
+    """Attack every entry with every setting, for each labelled model ({label: (reference, loaded pipe)}).
+    With `multiples` (e.g. [0.5, 1, 2, 4, 8]) one attack per (entry, setting) runs to the longest length and
+    is sampled at each multiple of its `steps` on the way: one record per multiple, so protection is a curve
+    over the attacker's budget, not a point. With `workers` > 1 the attacks run in that many processes
+    (this process's threads shared among them: the tiny models use one core far better than two); the
+    seeds are per attack, so the records are those of one process. Returns {label: (records, samples)}."""
+    mixes = {e.id: lookalike(entries, e) for e in entries} if any(a.mix_fraction for a in attacks) else {}
+    jobs = [(label, k, entry, settings.with_(seed=seed * 1000 + k), k % len(attacks))
+            for label in models for k, (entry, settings) in enumerate((e, a) for e in entries for a in attacks)]
+
+    def args(label, k, entry, settings, slot):
+        return (entry, settings, k, n_samples, seed, out, label, multiples, slot,
+                mixes.get(entry.id) if settings.mix_fraction else None)
+
+    results = {}
+    if workers <= 1:
+        for label, k, entry, settings, slot in tqdm(jobs, desc="attacks"):
+            results[label, k] = _attack_job(models[label][1], *args(label, k, entry, settings, slot))
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        threads = max(1, torch.get_num_threads() // workers)
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=torch.set_num_threads, initargs=(threads,)) as pool:
+            futures = {pool.submit(_attack_job_in_worker, models[job[0]][0], *args(*job)): job[:2] for job in jobs}
+            for f in tqdm(as_completed(futures), total=len(futures), desc=f"attacks ({workers} workers)"):
+                results[futures[f]] = f.result()
+    done = {label: ([], {}) for label in models}
+    for label, k, entry, _, slot in jobs:
+        records, images = results[label, k]
+        done[label][0].extend(records)
+        done[label][1][entry.id, slot] = images
+    return done
 
 
 def _curve(records: list[dict], base_records: list[dict] | None, multiples: list[float]) -> dict:
@@ -228,7 +269,7 @@ def _real_features(per_class: dict, n: int) -> np.ndarray:
 
 
 def evaluate(model: str, out: Path, catalog: Path | None = None, suite: str = "white-box",
-             baseline: str | None = None, n_samples: int = 32, seed: int = 0) -> dict:
+             baseline: str | None = None, n_samples: int = 32, seed: int = 0, workers: int = 1) -> dict:
     t0 = time.time()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -239,10 +280,10 @@ def evaluate(model: str, out: Path, catalog: Path | None = None, suite: str = "w
 
     base_pipe = load_pipeline(baseline) if baseline else None
 
-    records, samples = _attack_all(pipe, entries, attacks, n_samples, seed, out, "model", multiples)
-    base_records = None
-    if baseline:
-        base_records, _ = _attack_all(base_pipe, entries, attacks, n_samples, seed, out, "baseline", multiples)
+    models = {"model": (str(model), pipe), **({"baseline": (str(baseline), base_pipe)} if baseline else {})}
+    attacked = _attack_all(models, entries, attacks, n_samples, seed, out, multiples, workers)
+    records, samples = attacked["model"]
+    base_records = attacked["baseline"][0] if baseline else None
     curve = _curve(records, base_records, multiples) if multiples else None
     diagnostics = _diagnostics(pipe, base_pipe, entries, attacks[0], seed)
     all_records, all_base = records, base_records
