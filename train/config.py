@@ -117,7 +117,6 @@ class EncoderGuard:
     # 2e-4 (1x: 1.00), 0.017 after 800 augmented + 1000 sharpening at 5e-4 (README "Session 8").
     sharpen_steps: int = 1000
     sharpen_lr: float = 5.0e-4
-    sharpen_anneal: bool = False  # sharpening lr decays along a cosine to 0 instead of staying constant
     # Move the substitute onto each protected photo where the protected subject stands (needs
     # target.backgrounds, else one fixed substitute picture), with target entries weighted 3x. Session 7,
     # judged against held-out views of the substitute, target BSR at 0.5x-8x the attack: transplant

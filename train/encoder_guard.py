@@ -184,7 +184,7 @@ def guard_encoder(vae, protected: list[GuardSample], keep_batches, steps: int = 
                   batch: int = 16, keep_weight: float = 1.0, backgrounds: torch.Tensor | None = None,
                   paste_fraction: float = 0.5, objective_weights: dict[str, float] | None = None,
                   augment_photos: bool = True, sharpen_steps: int = 0, sharpen_lr: float = 5e-4,
-                  sharpen_anneal: bool = False, seed: int = 0, progress: bool = True) -> dict:
+                  seed: int = 0, progress: bool = True) -> dict:
     """Fine-tune `vae.encoder` (+ quant_conv) in place; the decoder is never touched.
 
     `keep_batches` yields (N, 3, H, W) images in [0, 1] that must encode as before (unprotected entries,
@@ -192,7 +192,7 @@ def guard_encoder(vae, protected: list[GuardSample], keep_batches, steps: int = 
     a `paste_fraction` of the protected photos with masks are pasted; `augment_photos` (default on) adds
     the random pose, lighting and degradation of `augment` to every photo. `objective_weights` weights each
     objective's entries in the protection loss (default 1). The learning rate decays along a cosine to
-    5% of `lr`. Then `sharpen_steps` at `sharpen_lr` (constant, or along a cosine to 0 with `sharpen_anneal`) fit the photos as they are (no pose,
+    5% of `lr`. Then `sharpen_steps` at a constant `sharpen_lr` fit the photos as they are (no pose,
     lighting or degradation; pasting stays): the augmented phase leaves latents a blur of the target that
     an attacker's UNet learns late, and how close they come decides how soon (README, session 8). Returns
     the mean losses of the last 50 steps {"protect_loss", "keep_loss"} and `latent_gap` per objective.
@@ -220,10 +220,9 @@ def guard_encoder(vae, protected: list[GuardSample], keep_batches, steps: int = 
     vae.encoder.train()
     for i in tqdm(range(steps + sharpen_steps), desc="encoder guard", disable=not progress):
         sharpening = i >= steps
-        if sharpening:
-            decay = 0.5 * (1 + math.cos(math.pi * (i - steps) / sharpen_steps)) if sharpen_anneal else 1.0
+        if i == steps:
             for group in opt.param_groups:
-                group["lr"] = sharpen_lr * decay
+                group["lr"] = sharpen_lr
         idx = torch.randint(0, len(images), (batch,), generator=gen)
         x, y, m = images[idx], targets[idx], masks[idx]
         if backgrounds is not None:

@@ -185,7 +185,7 @@ class Protector:
         stats = encoder_guard.guard_encoder(
             vae, samples, keep_batches(), steps=g.steps, lr=g.lr, batch=g.batch, keep_weight=g.keep_weight,
             objective_weights={"target": g.target_weight}, augment_photos=g.augment, paste_fraction=g.paste_fraction,
-            sharpen_steps=g.sharpen_steps, sharpen_lr=g.sharpen_lr, sharpen_anneal=g.sharpen_anneal,
+            sharpen_steps=g.sharpen_steps, sharpen_lr=g.sharpen_lr,
             backgrounds=torch.cat(known) if known else None, seed=self.cfg.seed, progress=self.progress)
         done.parent.mkdir(parents=True, exist_ok=True)
         tmp = done.with_suffix(".tmp")
