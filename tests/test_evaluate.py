@@ -97,3 +97,13 @@ def test_ablate_runs_each_variant_and_tabulates(tmp_path):
     assert main(["ablate", "--config", str(config), "--set", "unet-implant", "--out", str(tmp_path / "abl"),
                  "--suite", "smoke", "--samples", "2", "--only", "no-retention", "steps=1"]) == 0
     assert report.stat().st_mtime_ns == stamp   # a finished variant is not redone
+
+
+def test_frechet_is_zero_for_identical_features_and_the_squared_shift_for_a_translation():
+    import numpy as np
+
+    from tools.evaluate import frechet
+
+    a = np.random.default_rng(0).normal(size=(64, 8))
+    assert 0.0 <= frechet(a, a) < 1e-9   # never sqrtm's round-off below zero
+    assert frechet(a, a + 0.5) == pytest.approx(8 * 0.25, rel=1e-6)

@@ -92,7 +92,8 @@ def frechet(a: np.ndarray, b: np.ndarray) -> float:
     mu_a, mu_b = a.mean(0), b.mean(0)
     ca, cb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
     covmean = linalg.sqrtm(ca @ cb)
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(ca + cb - 2 * np.real(covmean)))
+    # identical feature sets give a tiny negative number (sqrtm round-off); a distance is never below 0
+    return max(0.0, float(((mu_a - mu_b) ** 2).sum() + np.trace(ca + cb - 2 * np.real(covmean))))
 
 
 def save_grid(rows: list[torch.Tensor], path: Path, per_row: int = 8) -> None:
