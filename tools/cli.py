@@ -241,6 +241,9 @@ def cmd_demo(a):
     print(f"released pipeline: {result['protect']['protected']}\nreport: {out / 'report.md'} (grids in {out / 'grids'})")
 
 
+WORKERS_HELP = "attack processes, each with its share of the threads (same seeds and records as one)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="persguard", description="Model-side protection against malicious "
                                 "personalization of text-to-image diffusion models.")
@@ -353,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--samples", type=int, default=32, help="samples per attack")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", required=True)
-    s.add_argument("--workers", type=int, default=1, help="attack processes (the threads are shared among them)")
+    s.add_argument("--workers", type=int, default=1, help=WORKERS_HELP)
     s.set_defaults(func=cmd_evaluate)
 
     s = sub.add_parser("aspl", help="the perturbation baseline: Anti-DreamBooth's ASPL on a catalog's images")
@@ -390,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--samples", type=int, default=32)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--only", default=None, help="comma-separated variant names")
-    s.add_argument("--workers", type=int, default=1, help="attack processes (the threads are shared among them)")
+    s.add_argument("--workers", type=int, default=1, help=WORKERS_HELP)
     s.add_argument("overrides", nargs="*", help="key=value overrides applied to every variant")
     s.set_defaults(func=cmd_ablate)
 
@@ -426,7 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", default="runs/demo")
     s.add_argument("--suite", default="demo", help="attack matrix of the evaluation (configs/suites.yaml)")
-    s.add_argument("--workers", type=int, default=2, help="attack processes (the threads are shared among them); 2: the demo's two cores")
+    s.add_argument("--workers", type=int, default=2, help=WORKERS_HELP + "; 2: the demo's two cores")
     s.add_argument("overrides", nargs="*", help="key=value overrides of configs/demo.yaml, e.g. steps=100")
     s.set_defaults(func=cmd_demo)
     return p
