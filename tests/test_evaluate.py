@@ -69,8 +69,9 @@ def test_demo_leaves_the_promised_run_folder(tmp_path):
     assert objectives == {"pattern", "erasure", "target"}
     assert {a["protected"] for a in report["attacks"]} == {True, False}
     assert report["baseline_attacks"] and report["diagnostics"]["attacker_loss"]["baseline"]
+    assert report["summary"]["clean"]["seed_spread"]["frechet"] > 0
     md = (out / "report.md").read_text()
-    assert "Original vs protected model" in md and "where the backdoor lives" in md
+    assert "Original vs protected model" in md and "where the backdoor lives" in md and "two seeds" in md
     assert (out / "catalog.jsonl").is_file() and list((out / "grids").glob("*.png"))
 
 
@@ -107,3 +108,19 @@ def test_frechet_is_zero_for_identical_features_and_the_squared_shift_for_a_tran
     a = np.random.default_rng(0).normal(size=(64, 8))
     assert 0.0 <= frechet(a, a) < 1e-9   # never sqrtm's round-off below zero
     assert frechet(a, a + 0.5) == pytest.approx(8 * 0.25, rel=1e-6)
+
+
+def test_clean_generation_is_within_the_seed_spread_only_when_no_farther_than_two_seeds_of_the_original():
+    import numpy as np
+
+    from tools.evaluate import seed_spread
+
+    rng = np.random.default_rng(0)
+    base, again = rng.normal(size=(64, 8)), rng.normal(size=(64, 8))
+    clean = lambda feats, acc: {"features": feats, "class_accuracy": acc}  # noqa: E731
+    same = seed_spread(clean(base, 0.9), clean(base, 0.9), clean(again, 0.8))
+    assert same["within"] and same["frechet"] > 0 and same["class_accuracy"] == pytest.approx(0.1)
+    shifted = seed_spread(clean(base + 1.0, 0.9), clean(base, 0.9), clean(again, 0.8))
+    assert not shifted["within"]                       # farther than a second seed is
+    worse = seed_spread(clean(base, 0.5), clean(base, 0.9), clean(again, 0.8))
+    assert not worse["within"] and worse["model_class_accuracy_gap"] == pytest.approx(0.4)

@@ -6,7 +6,8 @@ Beside the per-attack metrics the summary holds the chance levels that make them
 - unrelated: the attack samples of entry j scored against entry i (same class, same attack setting);
 - class_prompt: the un-attacked model's samples of the class prompt scored against each entry;
 - clean: class accuracy of the un-attacked model's class-prompt samples and the Frechet distance of
-  their embedder features to the baseline's samples (with --baseline) or to real renders (without).
+  their embedder features to the baseline's samples (with --baseline) or to real renders (without);
+  with --baseline also the original's own spread between two seeds, and whether the model is within it.
 """
 from __future__ import annotations
 
@@ -257,6 +258,22 @@ def _clean(pipe, entries, n_samples, seed) -> tuple[dict, dict]:
 
 
 @torch.no_grad()
+def seed_spread(clean: dict, base: dict, base_again: dict) -> dict:
+    """Is the model's clean generation as close to the original's as two seeds of the original are to
+    each other? The spread is the Frechet distance and the class-accuracy difference between the
+    original's samples at two seeds; the model is within it when its own distance and difference to the
+    original (same seed) are no larger."""
+    spread_fd = frechet(base["features"], base_again["features"])
+    fd = frechet(clean["features"], base["features"])
+    accs = (clean["class_accuracy"], base["class_accuracy"], base_again["class_accuracy"])
+    acc_gap = acc_spread = None
+    if None not in accs:
+        acc_gap, acc_spread = abs(accs[0] - accs[1]), abs(accs[1] - accs[2])
+    within = fd <= spread_fd and (acc_gap is None or acc_gap <= acc_spread)
+    return {"frechet": spread_fd, "class_accuracy": acc_spread, "model_class_accuracy_gap": acc_gap,
+            "within": bool(within)}
+
+
 def _real_features(per_class: dict, n: int) -> np.ndarray:
     ev = evaluators()
     feats = []
@@ -293,9 +310,12 @@ def evaluate(model: str, out: Path, catalog: Path | None = None, suite: str = "w
 
     class_samples, clean = _clean(pipe, entries, n_samples, seed)
     class_match = [score(class_samples[e.cls], e)["identity_match"] for e in entries]
+    spread = None
     if baseline:
         _, base_clean = _clean(base_pipe, entries, n_samples, seed)
+        _, base_clean_again = _clean(base_pipe, entries, n_samples, seed + 1)
         fd = frechet(clean["features"], base_clean["features"])
+        spread = seed_spread(clean, base_clean, base_clean_again)
     else:
         real = _real_features(class_samples, n_samples)
         fd = frechet(clean["features"], real) if real is not None else None
@@ -316,7 +336,7 @@ def evaluate(model: str, out: Path, catalog: Path | None = None, suite: str = "w
         "unrelated": {"identity_match": _unrelated(entries, samples, len(attacks))},
         "class_prompt": {"identity_match": _mean(class_match)},
         "clean": {"frechet": fd, "frechet_reference": "baseline samples" if baseline else "real renders",
-                  "class_accuracy": clean["class_accuracy"]},
+                  "class_accuracy": clean["class_accuracy"], "seed_spread": spread},
         "curve": curve,
     }
     report = {"model": str(model), "baseline": baseline, "suite": suite, "suite_description": description,
@@ -350,6 +370,12 @@ def render_markdown(report: dict) -> str:
              f"| clean generation | — | — | class accuracy {_fmt(s['clean']['class_accuracy'])}, Frechet "
              f"{_fmt(s['clean']['frechet'])} vs {s['clean']['frechet_reference']} |", "",
              ]
+    sp = s["clean"].get("seed_spread")
+    if sp:
+        lines += [f"Clean generation against the original's spread between two seeds: Frechet "
+                  f"{_fmt(s['clean']['frechet'])} (two seeds of the original: {_fmt(sp['frechet'])}), class "
+                  f"accuracy gap {_fmt(sp['model_class_accuracy_gap'])} (two seeds: {_fmt(sp['class_accuracy'])}): "
+                  f"**{'within' if sp['within'] else 'OUTSIDE'}** the spread.", ""]
     if s.get("curve"):
         c = s["curve"]
         lines += ["## Protection against attack length", "",
