@@ -257,7 +257,6 @@ def _clean(pipe, entries, n_samples, seed) -> tuple[dict, dict]:
     return per_class, {"features": feats, "class_accuracy": acc}
 
 
-@torch.no_grad()
 def seed_spread(clean: dict, base: dict, base_again: dict) -> dict:
     """Is the model's clean generation as close to the original's as two seeds of the original are to
     each other? The spread is the Frechet distance and the class-accuracy difference between the
@@ -274,6 +273,7 @@ def seed_spread(clean: dict, base: dict, base_again: dict) -> dict:
             "within": bool(within)}
 
 
+@torch.no_grad()
 def _real_features(per_class: dict, n: int) -> np.ndarray:
     ev = evaluators()
     feats = []
