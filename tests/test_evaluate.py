@@ -80,23 +80,29 @@ def test_ablate_runs_each_variant_and_tabulates(tmp_path):
     from tools.demo import build_demo_catalog
 
     catalog = build_demo_catalog(tmp_path / "cat")
+    lines = catalog.read_text().splitlines()
+    judged = catalog.with_name("judged.jsonl")   # one protected and one unprotected entry
+    judged.write_text(lines[0] + "\n" + lines[3] + "\n")
     config = tmp_path / "run.yaml"
     config.write_text(f"catalog: {catalog}\nsteps: 1\nbatch_protected: 2\nprior: {{retention_batch: 2}}\n"
                       "retention: {slots: 1, inner_steps: 1}\nlogging: {probe_every: -1, wandb_mode: disabled}\n")
     assert main(["ablate", "--config", str(config), "--set", "unet-implant", "--out", str(tmp_path / "abl"),
                  "--suite", "smoke", "--samples", "2", "--only", "no-retention,second-order-restart",
-                 "steps=1"]) == 0
+                 "--eval-catalog", str(judged), "steps=1"]) == 0
     rows = json.loads((tmp_path / "abl" / "ablation.json").read_text())
     assert list(rows) == ["original", "no-retention", "second-order-restart"]
     assert rows["no-retention"]["overrides"] == ["weights.retention=0"]
     assert 0 <= rows["second-order-restart"]["clean_class_accuracy"] <= 1 and rows["no-retention"]["protect_seconds"] > 0
     assert (tmp_path / "abl" / "no-retention" / "protected" / "model_index.json").is_file()
     md = (tmp_path / "abl" / "ablation.md").read_text()
-    assert "| no-retention | weights.retention=0 |" in md and "[unet-implant]" in md
+    assert "| no-retention | weights.retention=0 |" in md and "[unet-implant]" in md and "judged on" in md
     report = tmp_path / "abl" / "no-retention" / "eval" / "report.json"
+    judged_entries = {a["entry"] for a in json.loads(report.read_text())["attacks"]}
+    assert judged_entries == {json.loads(lines[0])["id"], json.loads(lines[3])["id"]}
     stamp = report.stat().st_mtime_ns
     assert main(["ablate", "--config", str(config), "--set", "unet-implant", "--out", str(tmp_path / "abl"),
-                 "--suite", "smoke", "--samples", "2", "--only", "no-retention", "steps=1"]) == 0
+                 "--suite", "smoke", "--samples", "2", "--only", "no-retention", "--eval-catalog", str(judged),
+                 "steps=1"]) == 0
     assert report.stat().st_mtime_ns == stamp   # a finished variant is not redone
 
 

@@ -16,7 +16,9 @@ ABLATIONS = REPO / "configs" / "ablations.yaml"
 
 def ablate(config: Path, out: Path, variant_set: str = "encoder-guard", suite: str = "white-box",
            n_samples: int = 32, seed: int = 0, only: list[str] | None = None, overrides: list[str] = (),
-           workers: int = 1) -> dict:
+           workers: int = 1, eval_catalog: Path | None = None) -> dict:
+    """`eval_catalog` judges every row on another catalog than the one protected for (the same subjects'
+    fresh photos from `persguard world --attacker-photos`: what the guard does on photos it never saw)."""
     from tools.evaluate import evaluate
     from train.config import load_config
     from train.protect import protect
@@ -37,13 +39,14 @@ def ablate(config: Path, out: Path, variant_set: str = "encoder-guard", suite: s
         for the original only what its attacks depend on."""
         run = load_config(config, [*base, *overrides, *(extra or []), f"seed={seed}"]).to_dict()
         what = {"model": run["model"], "catalog": run["catalog"]} if extra is None else run
-        return {**what, "suite": suite, "n_samples": n_samples, "seed": seed}
+        return {**what, "suite": suite, "n_samples": n_samples, "seed": seed,
+                "eval_catalog": str(eval_catalog) if eval_catalog else None}
 
     def done(name: str, extra: list | None) -> bool:
         return rows.get(name, {}).get("settings") == settings(extra)
 
     def row(name: str, extra: list | None, model, seconds: float | None) -> dict:
-        s = evaluate(model, out / name / "eval", catalog=cfg.catalog, suite=suite, n_samples=n_samples,
+        s = evaluate(model, out / name / "eval", catalog=eval_catalog or cfg.catalog, suite=suite, n_samples=n_samples,
                      seed=seed, workers=workers)["summary"]
         original = rows.get("original", {}).get("unprotected_identity_match")
         mine = s["unprotected"]["identity_match"]
@@ -76,7 +79,9 @@ def ablate(config: Path, out: Path, variant_set: str = "encoder-guard", suite: s
 def render(rows: dict, config, variant_set: str, suite: str) -> str:
     from tools.evaluate import _fmt
 
-    lines = [f"# Ablations [{variant_set}] of `{config}` (suite {suite})", "",
+    judged_on = next(iter(rows.values()), {}).get("settings", {}).get("eval_catalog")
+    lines = [f"# Ablations [{variant_set}] of `{config}` (suite {suite}"
+             + (f", judged on `{judged_on}`" if judged_on else "") + ")", "",
              "| variant | overrides | protected BSR | BSR by objective | protected identity match | "
              "unprotected fidelity ratio | unrelated identity match | clean Frechet | clean class accuracy |",
              "|---|---|---|---|---|---|---|---|---|"]

@@ -202,7 +202,8 @@ def cmd_ablate(a):
     from tools.ablation import ablate
 
     ablate(Path(a.config), Path(a.out), variant_set=a.set, suite=a.suite, n_samples=a.samples, seed=a.seed,
-           only=a.only.split(",") if a.only else None, overrides=a.overrides, workers=a.workers)
+           only=a.only.split(",") if a.only else None, overrides=a.overrides, workers=a.workers,
+           eval_catalog=Path(a.eval_catalog) if a.eval_catalog else None)
     print((Path(a.out) / "ablation.md").read_text())
 
 
@@ -393,6 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--samples", type=int, default=32)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--only", default=None, help="comma-separated variant names")
+    s.add_argument("--eval-catalog", default=None, help="judge every row on this catalog instead (e.g. fresh "
+                   "photos of the protected subjects: `persguard world --attacker-photos`)")
     s.add_argument("--workers", type=int, default=1, help=WORKERS_HELP)
     s.add_argument("overrides", nargs="*", help="key=value overrides applied to every variant")
     s.set_defaults(func=cmd_ablate)
