@@ -46,8 +46,8 @@ def ablate(config: Path, out: Path, variant_set: str = "encoder-guard", suite: s
         return rows.get(name, {}).get("settings") == settings(extra)
 
     def row(name: str, extra: list | None, model, seconds: float | None) -> dict:
-        s = evaluate(model, out / name / "eval", catalog=eval_catalog or cfg.catalog, suite=suite, n_samples=n_samples,
-                     seed=seed, workers=workers)["summary"]
+        s = evaluate(model, out / name / "eval", catalog=eval_catalog or cfg.catalog, suite=suite,
+                     n_samples=n_samples, seed=seed, workers=workers)["summary"]
         original = rows.get("original", {}).get("unprotected_identity_match")
         mine = s["unprotected"]["identity_match"]
         return {"overrides": extra or [], "settings": settings(extra), "protect_seconds": seconds,
