@@ -25,16 +25,16 @@ def cmd_world(a):
         path = world.attacker_catalog(Path(a.attacker_photos), Path(a.out), n_images=a.images)
         print(f"attacker's photos ({a.images} fresh views per entry) of {a.attacker_photos}; catalog {path}")
         return
-    counts = {}
-    for item in a.classes.split(","):
-        cls, _, n = item.partition("=")
-        counts[cls] = int(n) if n else a.per_class
     entries = []
-    for cls, n in counts.items():
+    for cls, n in _counts(a.classes, a.per_class).items():
         entries += world.generate(Path(a.out), split=a.split, per_class=n, classes=(cls,), n_images=a.images,
                                   n_reference=a.reference, seed=a.seed, start=a.start)
     if a.protect:
-        mark_protected(entries, a.protect, Path(a.out), seed=a.seed)
+        ranking = None
+        if a.substitutes:
+            from tools.substitutes import load_ranking
+            ranking = load_ranking(Path(a.substitutes))
+        mark_protected(entries, a.protect, Path(a.out), seed=a.seed, substitutes=ranking)
     write_catalog(entries, Path(a.out) / "catalog.jsonl")
     print(f"{len(entries)} identities ({a.protect} protected) in {a.out}; catalog {Path(a.out) / 'catalog.jsonl'}")
 
@@ -156,6 +156,24 @@ def cmd_evaluate(a):
     print((Path(a.out) / "report.md").read_text())
 
 
+def _counts(spec: str, default: int) -> dict[str, int]:
+    """"person=8,cat,vase=4" -> {"person": 8, "cat": default, "vase": 4}"""
+    counts = {}
+    for item in spec.split(","):
+        cls, _, n = item.partition("=")
+        counts[cls] = int(n) if n else default
+    return counts
+
+
+def cmd_substitutes(a):
+    from tools.demo import SUBSTITUTE_START
+    from tools.substitutes import screen
+
+    screen(a.model, _counts(a.classes, a.per_class), Path(a.out), start=a.start or SUBSTITUTE_START,
+           seed=a.seed, n_samples=a.samples, suite=a.suite, workers=a.workers)
+    print((Path(a.out) / "substitutes.md").read_text())
+
+
 def cmd_aspl(a):
     from tools.aspl import ASPLSettings, protect_catalog
 
@@ -263,6 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--reference", type=int, default=8, help="held-out reference images per identity")
     s.add_argument("--start", type=int, default=0, help="first identity index")
     s.add_argument("--seed", type=int, default=0, help="world seed")
+    s.add_argument("--substitutes", metavar="FILE",
+                   help="with --protect: target entries take the best-ranked substitutes of FILE "
+                        "(substitutes.json of `persguard substitutes`)")
     s.add_argument("--attacker-photos", metavar="CATALOG",
                    help="instead: copy CATALOG with each entry's images replaced by --images fresh views of its "
                         "identity (photos the publisher never had), for `persguard evaluate --catalog`")
@@ -359,6 +380,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.add_argument("--workers", type=int, default=1, help=WORKERS_HELP)
     s.set_defaults(func=cmd_evaluate)
+
+    s = sub.add_parser("substitutes", help="rank candidate substitutes for target entries by how reliably an "
+                       "attack on the original model learns them")
+    s.add_argument("--model", default="tiny-sd", help="the original model")
+    s.add_argument("--classes", default="person,cat,vase", help="classes, each optionally with its count: cat=7")
+    s.add_argument("--per-class", type=int, default=6, help="candidates per class without a count")
+    s.add_argument("--start", type=int, default=0, help="first candidate index (default: the substitute range)")
+    s.add_argument("--suite", default="curve-short", help="attack suite judged along its lengths")
+    s.add_argument("--samples", type=int, default=32, help="samples per attack")
+    s.add_argument("--seed", type=int, default=0, help="world and attack seed")
+    s.add_argument("--workers", type=int, default=1, help=WORKERS_HELP)
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_substitutes)
 
     s = sub.add_parser("aspl", help="the perturbation baseline: Anti-DreamBooth's ASPL on a catalog's images")
     s.add_argument("--catalog", default=None, help="catalog file (default: the embedded default catalog)")

@@ -1,0 +1,74 @@
+import json
+
+import pytest
+
+from tools import world
+from tools.cli import main
+from tools.demo import SUBSTITUTE_START, mark_protected
+from tools.substitutes import load_ranking, rank
+
+
+def _record(entry, cls, multiple, ism, match):
+    return {"entry": entry, "class": cls, "multiple": multiple, "ism": ism, "identity_match": match}
+
+
+def test_rank_orders_each_class_by_its_worst_rate_then_margin_along_the_attack():
+    report = {"threshold": 0.5, "attacks": [
+        # steady: matched at every length, margin 0.2
+        _record("cat-catalog-1000", "cat", 0.5, 0.7, 1.0), _record("cat-catalog-1000", "cat", 1, 0.7, 1.0),
+        # higher on average but dips under the threshold at 1x
+        _record("cat-catalog-1001", "cat", 0.5, 0.9, 1.0), _record("cat-catalog-1001", "cat", 1, 0.45, 0.2),
+        # as steady a rate as the first, nearer the threshold
+        _record("cat-catalog-1002", "cat", 0.5, 0.6, 1.0), _record("cat-catalog-1002", "cat", 1, 0.6, 1.0),
+        _record("vase-catalog-1003", "vase", 0.5, 0.6, 0.8), _record("vase-catalog-1003", "vase", 1, 0.55, 0.6)]}
+    ranking = rank(report)
+    assert [c["id"] for c in ranking["cat"]] == ["cat-catalog-1000", "cat-catalog-1002", "cat-catalog-1001"]
+    assert ranking["cat"][2]["margin"] == pytest.approx(-0.05)
+    assert ranking["cat"][2]["identity_match_min"] == 0.2
+    assert ranking["vase"][0]["identity_match"] == {"0.5": 0.8, "1": 0.6}
+
+
+def test_world_protect_takes_the_ranked_substitutes(tmp_path):
+    ranking = {"model": "tiny-sd", "suite": "curve-short", "seed": 0, "ranking": {
+        "person": [{"id": "person-catalog-1005"}, {"id": "person-catalog-1002"}],
+        "cat": [{"id": "cat-catalog-1003"}]}}
+    (tmp_path / "substitutes.json").write_text(json.dumps(ranking))
+    assert load_ranking(tmp_path / "substitutes.json") == {"person": [1005, 1002], "cat": [1003]}
+    out = tmp_path / "w"
+    main(["world", "--out", str(out), "--classes", "person=6,cat=3", "--protect", "9", "--images", "2",
+          "--reference", "1", "--substitutes", str(tmp_path / "substitutes.json")])
+    lines = [json.loads(x) for x in (out / "catalog.jsonl").read_text().splitlines()]
+    subs = [(e["class"], e["target"]["images"].split("/")[0]) for e in lines if e["objective"] == "target"]
+    # the k-th target entry of a class takes its k-th ranked candidate
+    assert subs == [("person", "person-catalog-1005"), ("person", "person-catalog-1002"),
+                    ("cat", "cat-catalog-1003")]
+    assert (out / "person-catalog-1005" / "images").is_dir()
+
+
+def test_bad_rankings_are_refused_with_the_file_named(tmp_path):
+    bad = tmp_path / "substitutes.json"
+    bad.write_text('{"ranking": {"cat": [{"name": "x"}]}}')
+    with pytest.raises(ValueError, match="substitutes.json"):
+        load_ranking(bad)
+    entries = world.generate(tmp_path / "w", per_class=3, classes=("vase",), n_images=1, n_reference=1,
+                             progress=False)
+    with pytest.raises(ValueError, match="no ranked substitute candidates of class 'vase'"):
+        mark_protected(entries, 3, tmp_path / "w", substitutes={"cat": [SUBSTITUTE_START]})
+    with pytest.raises(ValueError, match="vase-catalog-0001 is itself an entry"):
+        mark_protected(entries, 3, tmp_path / "w", substitutes={"vase": [1]})
+
+
+@pytest.mark.slow
+def test_substitutes_screens_candidates_and_world_uses_the_ranking(tmp_path, capsys):
+    assert main(["substitutes", "--model", "tiny-sd", "--classes", "cat=2", "--suite", "smoke-curve",
+                 "--samples", "2", "--out", str(tmp_path / "screen")]) == 0
+    result = json.loads((tmp_path / "screen" / "substitutes.json").read_text())
+    cands = result["ranking"]["cat"]
+    assert sorted(c["id"] for c in cands) == [f"cat-catalog-{SUBSTITUTE_START}", f"cat-catalog-{SUBSTITUTE_START + 1}"]
+    assert all(set(c["identity_match"]) == {"0.5", "1", "2"} for c in cands)
+    assert (cands[0]["identity_match_min"], cands[0]["margin"]) >= (cands[1]["identity_match_min"], cands[1]["margin"])
+    assert "| cat | " + cands[0]["id"] in capsys.readouterr().out
+    main(["world", "--out", str(tmp_path / "w"), "--classes", "cat=3", "--protect", "3", "--images", "2",
+          "--reference", "1", "--substitutes", str(tmp_path / "screen" / "substitutes.json")])
+    target = [json.loads(x) for x in (tmp_path / "w" / "catalog.jsonl").read_text().splitlines()][2]["target"]
+    assert target["images"] == f"{cands[0]['id']}/images"
