@@ -33,7 +33,7 @@ def test_world_protect_takes_the_ranked_substitutes(tmp_path):
         "person": [{"id": "person-catalog-1005"}, {"id": "person-catalog-1002"}],
         "cat": [{"id": "cat-catalog-1003"}]}}
     (tmp_path / "substitutes.json").write_text(json.dumps(ranking))
-    assert load_ranking(tmp_path / "substitutes.json") == {"person": [1005, 1002], "cat": [1003]}
+    assert load_ranking(tmp_path / "substitutes.json", 0) == {"person": [1005, 1002], "cat": [1003]}
     out = tmp_path / "w"
     main(["world", "--out", str(out), "--classes", "person=6,cat=3", "--protect", "9", "--images", "2",
           "--reference", "1", "--substitutes", str(tmp_path / "substitutes.json")])
@@ -49,7 +49,13 @@ def test_bad_rankings_are_refused_with_the_file_named(tmp_path):
     bad = tmp_path / "substitutes.json"
     bad.write_text('{"ranking": {"cat": [{"name": "x"}]}}')
     with pytest.raises(ValueError, match="substitutes.json"):
-        load_ranking(bad)
+        load_ranking(bad, 0)
+    bad.write_text('{"seed": 0, "ranking": {"cat": [{"id": "cat-pretrain-0003"}]}}')
+    with pytest.raises(ValueError, match="substitutes.json: not a substitute ranking.*<class>-catalog-<index>"):
+        load_ranking(bad, 0)
+    bad.write_text('{"seed": 0, "ranking": {"cat": [{"id": "cat-catalog-1003"}]}}')
+    with pytest.raises(ValueError, match="substitutes.json: screened in world seed 0, not 1"):
+        load_ranking(bad, 1)
     entries = world.generate(tmp_path / "w", per_class=3, classes=("vase",), n_images=1, n_reference=1,
                              progress=False)
     with pytest.raises(ValueError, match="no ranked substitute candidates of class 'vase'"):

@@ -33,7 +33,7 @@ def cmd_world(a):
         ranking = None
         if a.substitutes:
             from tools.substitutes import load_ranking
-            ranking = load_ranking(Path(a.substitutes))
+            ranking = load_ranking(Path(a.substitutes), a.seed)
         mark_protected(entries, a.protect, Path(a.out), seed=a.seed, substitutes=ranking)
     write_catalog(entries, Path(a.out) / "catalog.jsonl")
     print(f"{len(entries)} identities ({a.protect} protected) in {a.out}; catalog {Path(a.out) / 'catalog.jsonl'}")
@@ -169,7 +169,7 @@ def cmd_substitutes(a):
     from tools.demo import SUBSTITUTE_START
     from tools.substitutes import screen
 
-    screen(a.model, _counts(a.classes, a.per_class), Path(a.out), start=a.start or SUBSTITUTE_START,
+    screen(a.model, _counts(a.classes, a.per_class), Path(a.out), start=SUBSTITUTE_START if a.start is None else a.start,
            seed=a.seed, n_samples=a.samples, suite=a.suite, workers=a.workers)
     print((Path(a.out) / "substitutes.md").read_text())
 
@@ -386,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", default="tiny-sd", help="the original model")
     s.add_argument("--classes", default="person,cat,vase", help="classes, each optionally with its count: cat=7")
     s.add_argument("--per-class", type=int, default=6, help="candidates per class without a count")
-    s.add_argument("--start", type=int, default=0, help="first candidate index (default: the substitute range)")
+    s.add_argument("--start", type=int, default=None, help="first candidate index (default: the substitute range)")
     s.add_argument("--suite", default="curve-short", help="attack suite judged along its lengths")
     s.add_argument("--samples", type=int, default=32, help="samples per attack")
     s.add_argument("--seed", type=int, default=0, help="world and attack seed")

@@ -73,11 +73,19 @@ def screen(model: str, counts: dict[str, int], out: Path, start: int, seed: int 
     return result
 
 
-def load_ranking(path: Path) -> dict[str, list[int]]:
-    """Per class, the ranked candidates' world indices (from ids such as `cat-catalog-1004`)."""
+def load_ranking(path: Path, seed: int) -> dict[str, list[int]]:
+    """Per class, the ranked candidates' world indices (from ids such as `cat-catalog-1004`). The ranking
+    must come from a screen of the same world `seed`: another seed renders other identities."""
     path = Path(path)
     try:
-        ranking = json.loads(path.read_text())["ranking"]
-        return {cls: [int(c["id"].rsplit("-", 1)[1]) for c in cands] for cls, cands in ranking.items()}
-    except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
+        result = json.loads(path.read_text())
+        ids = {cls: [c["id"].rsplit("-", 2) for c in cands] for cls, cands in result["ranking"].items()}
+        if any(len(p) != 3 or p[0] != cls or p[1] != "catalog" for cls, ps in ids.items() for p in ps):
+            raise ValueError("ids must read <class>-catalog-<index> under their own class")
+        ranking = {cls: [int(p[2]) for p in ps] for cls, ps in ids.items()}
+        screened_seed = result["seed"]
+    except (OSError, ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
         raise ValueError(f"{path}: not a substitute ranking of `persguard substitutes` ({e})") from e
+    if screened_seed != seed:
+        raise ValueError(f"{path}: screened in world seed {screened_seed}, not {seed}")
+    return ranking
