@@ -1,4 +1,11 @@
 """The encoder guard (train/encoder_guard.py) and the attacker's own photos (tools/world.attacker_catalog)."""
+import copy
+import os
+import signal
+import subprocess
+import sys
+import time
+
 import pytest
 import torch
 
@@ -89,6 +96,79 @@ def test_guard_moves_only_the_encoder_and_learns_the_mapping(world_catalog, step
         got, own, want = (v.encode(x * 2 - 1).latent_dist.mean for v, x in ((vae, images), (teacher, images), (teacher, pattern)))
     gap = ((got - want).pow(2).sum() / (own - want).pow(2).sum()).item()
     assert stats["latent_gap"]["pattern"] == pytest.approx(gap, rel=1e-3) and gap < 0.9
+
+
+class Killed(Exception):
+    pass
+
+
+def test_a_guard_stopped_midway_goes_on_exactly_from_its_checkpoint(world_catalog):
+    e = _entry(world_catalog)
+    images, backgrounds = load_images(e.images, 64), load_images(e.backgrounds, 64)
+    sample = guard_sample(e.id, "erasure", images, backgrounds)
+    keep = load_images(_entry(world_catalog, 2).images, 64)
+
+    def run(**kw):
+        vae = load_pipeline("tiny-sd").vae
+
+        def keep_batches():
+            while True:
+                yield keep
+        stats = guard_encoder(vae, [sample], keep_batches(), steps=3, lr=1e-3, batch=4, sharpen_steps=2,
+                              backgrounds=backgrounds, seed=3, progress=False, **kw)
+        return vae.state_dict(), stats
+
+    whole, whole_stats = run()
+    saved = []
+
+    def checkpoint(state):   # what protect writes to disk, then the job dies
+        saved.append(copy.deepcopy(state))
+        if state["step"] == 4:
+            raise Killed
+    with pytest.raises(Killed):
+        run(checkpoint=checkpoint, checkpoint_every=2)
+    assert [s["step"] for s in saved] == [2, 4]   # one inside the augmented phase, one inside sharpening
+    resumed, stats = run(resume=saved[-1])
+    for k, v in whole.items():
+        assert torch.equal(v, resumed[k]), k
+    assert stats == whole_stats
+
+
+@pytest.mark.slow
+def test_a_sigkilled_protect_resumes_the_guard_to_the_same_encoder(world_catalog, tmp_path):
+    """A real kill inside the guard (after a partial checkpoint), then the same command again: the
+    released encoder is bit for bit that of a run never killed (same retention stream position too)."""
+    rows = [e.to_json() for e in load_catalog(world_catalog)]
+    rows[0].update(protected=True, objective="erasure")
+    cat = tmp_path / "catalog.jsonl"
+    write_catalog(rows, cat)
+
+    def command(out):
+        return [sys.executable, "-m", "tools.cli", "protect", f"catalog={cat}", f"out={out}", "steps=0",
+                "encoder_guard.enabled=true", "encoder_guard.steps=30", "encoder_guard.sharpen_steps=30",
+                "encoder_guard.batch=4", "prior.retention_batch=4", "checkpoint_every=5", "logging.probe_every=-1"]
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    subprocess.run(command(tmp_path / "whole"), env=env, check=True, capture_output=True, timeout=600)
+    out = tmp_path / "killed"
+    partial = out / "checkpoints" / "encoder-guard-partial.pt"
+    proc = subprocess.Popen(command(out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if partial.is_file() and torch.load(partial, weights_only=False)["guard"]["step"] >= 35:   # in sharpening
+            break
+        time.sleep(0.1)
+    assert proc.poll() is None, "the job ended before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "protected").exists() and partial.is_file()
+    done = subprocess.run(command(out), env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "encoder guard: resuming at step" in done.stderr + done.stdout
+    assert not partial.exists()
+    whole, resumed = load_pipeline(tmp_path / "whole" / "protected").vae, load_pipeline(out / "protected").vae
+    for k, v in whole.state_dict().items():
+        assert torch.equal(v, resumed.state_dict()[k]), k
 
 
 @pytest.mark.slow

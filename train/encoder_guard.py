@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -184,7 +185,8 @@ def guard_encoder(vae, protected: list[GuardSample], keep_batches, steps: int = 
                   batch: int = 16, keep_weight: float = 1.0, backgrounds: torch.Tensor | None = None,
                   paste_fraction: float = 0.5, objective_weights: dict[str, float] | None = None,
                   augment_photos: bool = True, sharpen_steps: int = 0, sharpen_lr: float = 5e-4,
-                  seed: int = 0, progress: bool = True) -> dict:
+                  seed: int = 0, progress: bool = True, resume: dict | None = None,
+                  checkpoint: Callable[[dict], None] | None = None, checkpoint_every: int = 0) -> dict:
     """Fine-tune `vae.encoder` (+ quant_conv) in place; the decoder is never touched.
 
     `keep_batches` yields (N, 3, H, W) images in [0, 1] that must encode as before (unprotected entries,
@@ -196,6 +198,11 @@ def guard_encoder(vae, protected: list[GuardSample], keep_batches, steps: int = 
     lighting or degradation; pasting stays): the augmented phase leaves latents a blur of the target that
     an attacker's UNet learns late, and how close they come decides how soon (README, session 8). Returns
     the mean losses of the last 50 steps {"protect_loss", "keep_loss"} and `latent_gap` per objective.
+
+    Every `checkpoint_every` steps `checkpoint(state)` gets everything a killed run needs to go on exactly
+    (encoder, optimizer, schedule, random states, losses so far); `resume=state` continues from it, the
+    caller positioning `keep_batches` past the `state["step"]` batches already drawn. `vae` must be the
+    unguarded encoder either way: it is also the teacher.
     """
     from tqdm import tqdm
 
@@ -216,9 +223,17 @@ def guard_encoder(vae, protected: list[GuardSample], keep_batches, steps: int = 
     weight = torch.cat([torch.full((len(s.images),), (objective_weights or {}).get(s.objective, 1.0)) for s in protected])
     masks = torch.cat([s.masks if s.masks is not None else torch.full_like(s.images[:, :1], -1.0) for s in protected])
     hist = {"protect_loss": [], "keep_loss": []}
+    start, total = 0, steps + sharpen_steps
+    if resume is not None:
+        vae.load_state_dict(resume["vae"])
+        opt.load_state_dict(resume["opt"])
+        sched.load_state_dict(resume["sched"])
+        gen.set_state(resume["gen"])
+        rng.bit_generator.state = resume["rng"]
+        hist, start = copy.deepcopy(resume["hist"]), resume["step"]
     dev = next(vae.parameters()).device   # augmentation runs on the CPU (PIL for JPEG), the encoder wherever it is
     vae.encoder.train()
-    for i in tqdm(range(steps + sharpen_steps), desc="encoder guard", disable=not progress):
+    for i in tqdm(range(start, total), initial=start, total=total, desc="encoder guard", disable=not progress):
         sharpening = i >= steps
         if i == steps:
             for group in opt.param_groups:
@@ -253,6 +268,9 @@ def guard_encoder(vae, protected: list[GuardSample], keep_batches, steps: int = 
         opt.zero_grad(set_to_none=True)
         hist["protect_loss"].append(loss_p.item())
         hist["keep_loss"].append(loss_k.item())
+        if checkpoint is not None and checkpoint_every and (i + 1) % checkpoint_every == 0 and i + 1 < total:
+            checkpoint({"step": i + 1, "vae": vae.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                        "gen": gen.get_state(), "rng": rng.bit_generator.state, "hist": hist})
     vae.eval().requires_grad_(False)
     stats = {k: float(np.mean(v[-50:])) if v else None for k, v in hist.items()}
     stats["latent_gap"] = latent_gap(vae, teacher, protected)

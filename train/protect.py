@@ -149,17 +149,38 @@ class Protector:
                              f"substitute images) for every protected entry; prompt-only: {', '.join(bad)}")
 
     def implant_encoder_guard(self) -> dict | None:
-        """Rank 0 fine-tunes the VAE encoder (train/encoder_guard.py) after the UNet's steps; the result is
-        checkpointed atomically, so a job killed afterwards does not redo it."""
+        """Rank 0 fine-tunes the VAE encoder (train/encoder_guard.py) after the UNet's steps. Every
+        `checkpoint_every` guard steps its state goes to checkpoints/encoder-guard-partial.pt (temp file +
+        rename) and a restarted job goes on from there exactly; the result goes to encoder-guard.pt, so a
+        job killed afterwards does not redo it. A checkpoint of another config, catalog or UNet step is
+        ignored, not mixed in."""
         g = self.cfg.encoder_guard
         if not g.enabled or self.rank != 0:
             return None
-        done = self.out / "checkpoints" / "encoder-guard.pt"
-        if done.is_file():
-            state = torch.load(done, weights_only=False)
-            if state["fingerprint"] == self.fingerprint() and state["step"] == self.step:
-                self.pipe.vae.load_state_dict(state["vae"])
-                return state["stats"]
+        ckdir = self.out / "checkpoints"
+        done, partial = ckdir / "encoder-guard.pt", ckdir / "encoder-guard-partial.pt"
+        stamp = {"fingerprint": self.fingerprint(), "step": self.step}
+
+        def load_matching(path: Path) -> dict | None:
+            if not path.is_file():
+                return None
+            state = torch.load(path, weights_only=False)
+            return state if {k: state.get(k) for k in stamp} == stamp else None
+
+        def save(state: dict, path: Path) -> None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            torch.save({**stamp, **state}, tmp)
+            tmp.replace(path)
+
+        state = load_matching(done)
+        if state is not None:
+            self.pipe.vae.load_state_dict(state["vae"])
+            return state["stats"]
+        resume = load_matching(partial)
+        skip = resume["guard"]["step"] if resume is not None else 0
+        if resume is not None and self.progress:
+            tqdm.write(f"encoder guard: resuming at step {skip} of {g.steps + g.sharpen_steps} from {partial}")
         samples = []
         for e in self.protected:
             target = objectives.resolve(e)
@@ -170,9 +191,11 @@ class Protector:
         known = [load_images(e.backgrounds, 64) for e in self.entries if e.backgrounds is not None]
         unprotected = torch.cat([load_images(e.images, 64) for e in self.unprotected]) if self.unprotected else None
 
-        def keep_batches():   # half retention data, half unprotected entries' photos
-            shards = self._retention_batches(0)
+        def keep_batches():   # half retention data, half unprotected entries' photos; a resumed guard's past the drawn ones
+            shards = self._retention_batches(0, skip=skip)
             gen = torch.Generator().manual_seed(self.cfg.seed + 17)
+            for _ in range(skip if unprotected is not None else 0):
+                torch.randint(0, len(unprotected), (g.batch // 2,), generator=gen)
             while True:
                 parts = [next(shards)[0][:g.batch // 2]] if shards is not None else []
                 if unprotected is not None:
@@ -186,11 +209,11 @@ class Protector:
             vae, samples, keep_batches(), steps=g.steps, lr=g.lr, batch=g.batch, keep_weight=g.keep_weight,
             objective_weights={"target": g.target_weight}, augment_photos=g.augment, paste_fraction=g.paste_fraction,
             sharpen_steps=g.sharpen_steps, sharpen_lr=g.sharpen_lr,
-            backgrounds=torch.cat(known) if known else None, seed=self.cfg.seed, progress=self.progress)
-        done.parent.mkdir(parents=True, exist_ok=True)
-        tmp = done.with_suffix(".tmp")
-        torch.save({"fingerprint": self.fingerprint(), "step": self.step, "vae": vae.state_dict(), "stats": stats}, tmp)
-        tmp.replace(done)
+            backgrounds=torch.cat(known) if known else None, seed=self.cfg.seed, progress=self.progress,
+            resume=resume["guard"] if resume is not None else None,
+            checkpoint=lambda guard: save({"guard": guard}, partial), checkpoint_every=self.cfg.checkpoint_every)
+        save({"vae": vae.state_dict(), "stats": stats}, done)
+        partial.unlink(missing_ok=True)
         return stats
 
     @property
