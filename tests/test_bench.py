@@ -37,7 +37,7 @@ def test_a_catalog_without_protected_entries_is_copied_with_some_protected(world
 @pytest.mark.slow
 def test_bench_times_each_term_against_a_plain_dreambooth_step(world_catalog, tmp_path, capsys):
     assert main(["bench", "--catalog", str(world_catalog), "--steps", "2", "--warmup", "1", "--catalog-sizes", "1",
-                 "--out", str(tmp_path), *FAST]) == 0
+                 "--guard-steps", "4", "--out", str(tmp_path), *FAST]) == 0
     r = json.loads((tmp_path / "bench.json").read_text())
     assert r["entries"] == {"protected": 2, "unprotected": 1}
     # a PersGuard step holds a plain step's worth of work several times over (behaviour, prior, one
@@ -53,6 +53,12 @@ def test_bench_times_each_term_against_a_plain_dreambooth_step(world_catalog, tm
     assert one["entries"] == one["protected"] == 1 and one["seconds_per_step"] > 0 and one["latent_cache_s"] > 0
     assert one["wall_s"] == pytest.approx(one["init_s"] + one["first_step_s"]
                                           + (one["budget_steps"] - 1) * one["seconds_per_step"])
+    g = r["guard"]   # the encoder guard, timed through protect's own implant_encoder_guard
+    assert g["augmented_step_s"] > 0 and g["sharpen_step_s"] > 0 and g["timed_steps"] == 4
+    assert g["augmented_ratio_to_plain"] == pytest.approx(g["augmented_step_s"] / r["seconds_per_step"]["plain_dreambooth"])
+    assert g["whole_guard_s"] == pytest.approx(g["setup_s"] + g["config_steps"][0] * g["augmented_step_s"]
+                                               + g["config_steps"][1] * g["sharpen_step_s"])
+    assert "guard step, augmented" in (tmp_path / "bench.md").read_text()
     assert r["catalog_cost_ratio_128_vs_1"] is None   # 128 was not measured
     assert "time-to-acceptance is not measured" in (tmp_path / "bench.md").read_text()
     assert "PersGuard step" in capsys.readouterr().out

@@ -9,6 +9,8 @@ One process, one run, the same model and batch size (the config's `batch_protect
 - samples/s (protect's own count: streams x batch_protected x 2 a step) and peak memory;
 - data: retention-shard read throughput (train/data.py, 0 and 2 workers) vs what a step consumes
   (`prior.retention_batch` samples per stream per step): `loader_over_consumption`;
+- the encoder guard's step (augmented and sharpening phases) against the same plain step, and the whole
+  guard at the config's step counts against one attack of the default length (`guard_cost`);
 - catalogs of N tiny-world entries (`--catalog-sizes`, half of them protected): one-time set-up
   (pipeline, teacher, latent caching; the simulated attackers' catch-up in the first step) and seconds
   per step, hence wall time and cost per protected entry at the config's step budget.
@@ -26,6 +28,7 @@ import copy
 import gc
 import json
 import os
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -224,9 +227,10 @@ def catalog_cost(n: int, config, overrides, out: Path, steps: int, device: torch
 
 def bench(catalog: str | Path | None = None, config: str | Path | None = None, out: Path = Path("runs/bench"),
           steps: int = 10, warmup: int = 2, catalog_sizes=(1, 8), overrides: list[str] = (), workers=(0, 2),
-          progress: bool = True) -> dict:
+          progress: bool = True, guard_steps: int = 0) -> dict:
     """Runs every measurement of the module docstring; returns the report, writes OUT/bench.json/.md.
-    `config` defaults to configs/demo.yaml, `catalog` to the embedded default catalog."""
+    `config` defaults to configs/demo.yaml, `catalog` to the embedded default catalog; the encoder guard
+    is timed over `guard_steps` steps per phase (default 4 x `steps`)."""
     config = config or DEMO_CONFIG
     if catalog is None:
         from tools.evaluate import default_catalog
@@ -283,11 +287,39 @@ def bench(catalog: str | Path | None = None, config: str | Path | None = None, o
     del p, plain, terms
     gc.collect()
     report["catalogs"] = sizes = {}
+    report["guard"] = guard_cost(config, overrides, catalog, out, guard_steps or 4 * steps, base)
     _write(report, out, device, load_start)   # the step comparison survives a long catalog sweep
     for n in tqdm(sorted(set(catalog_sizes)), desc="bench: catalog sizes", disable=not progress):
         sizes[str(n)] = catalog_cost(n, config, overrides, out, steps, device)
         _write(report, out, device, load_start)
     return report
+
+
+def guard_cost(config, overrides, catalog: Path, out: Path, steps: int, plain_s: float,
+               attack_steps: int = AttackSettings().steps) -> dict:
+    """The encoder guard (what protects at the default config) through `Protector.implant_encoder_guard`:
+    each phase run for `steps` steps and for none, the difference over `steps` is its seconds per step
+    (the rest is set-up: photos, masks, transplants, the latent gaps at the end). Against the plain
+    DreamBooth step, and the whole guard at the config's step counts against one default attack."""
+    g = _config(config, overrides, catalog, out).encoder_guard
+
+    def run(augmented: int, sharpen: int) -> float:
+        folder = out / "runs" / f"guard-{augmented}-{sharpen}"
+        shutil.rmtree(folder, ignore_errors=True)   # a finished guard in the folder would be loaded, not run
+        p = Protector(_config(config, [*overrides, "encoder_guard.enabled=true", f"encoder_guard.steps={augmented}",
+                                       f"encoder_guard.sharpen_steps={sharpen}", "checkpoint_every=0"],
+                              catalog, folder), progress=False)
+        t = time.perf_counter()
+        p.implant_encoder_guard()
+        return time.perf_counter() - t
+
+    setup = run(0, 0)
+    augmented, sharpen = (max(run(steps, 0) - setup, 0.0) / steps), (max(run(0, steps) - setup, 0.0) / steps)
+    whole = setup + g.steps * augmented + g.sharpen_steps * sharpen
+    return {"batch": g.batch, "timed_steps": steps, "setup_s": setup, "augmented_step_s": augmented,
+            "sharpen_step_s": sharpen, "augmented_ratio_to_plain": augmented / plain_s,
+            "sharpen_ratio_to_plain": sharpen / plain_s, "config_steps": [g.steps, g.sharpen_steps],
+            "whole_guard_s": whole, "attack_steps": attack_steps, "whole_guard_over_one_attack": whole / (attack_steps * plain_s)}
 
 
 def _write(report: dict, out: Path, device: torch.device, load_start) -> None:
@@ -345,6 +377,16 @@ def markdown(r: dict) -> str:
         lines += [f"| {c['entries']} | {c['protected']} | {c['init_s']:.1f} | {c['latent_cache_s']:.2f} | "
                   f"{c['first_step_s']:.1f} | {c['seconds_per_step']:.3f} | {c['wall_s']:.0f} | "
                   f"{c['wall_s_per_protected_entry']:.1f} |" for c in r["catalogs"].values()]
+    g = r.get("guard")
+    if g:
+        lines += [f"\nThe encoder guard (what protects at this config; the UNet step above is the implant, off where "
+                  f"`steps: 0`), batch {g['batch']}, {g['timed_steps']} timed steps per phase:\n",
+                  "| | seconds | / plain DreamBooth step |", "|---|---|---|",
+                  f"| guard step, augmented | {g['augmented_step_s']:.3f} | **{g['augmented_ratio_to_plain']:.2f}** |",
+                  f"| guard step, sharpening | {g['sharpen_step_s']:.3f} | **{g['sharpen_ratio_to_plain']:.2f}** |",
+                  f"| set-up (photos, masks, transplants, latent gaps) | {g['setup_s']:.2f} | |",
+                  f"| whole guard, {g['config_steps'][0]} + {g['config_steps'][1]} steps | {g['whole_guard_s']:.0f} | "
+                  f"{g['whole_guard_over_one_attack']:.1f} x one {g['attack_steps']}-step attack |"]
     ratio = r["catalog_cost_ratio_128_vs_1"]
     measured = f"{ratio:.2f}" if ratio is not None else "not measured (needs sizes 1 and 128)"
     lines.append(f"\ncatalog_cost_ratio_128_vs_1: {measured}. "

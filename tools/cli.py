@@ -245,7 +245,7 @@ def cmd_bench(a):
 
     sizes = [int(n) for n in a.catalog_sizes.split(",") if n.strip()]
     report = bench(catalog=a.catalog, config=a.config, out=Path(a.out or "runs/bench"), steps=a.steps,
-                   warmup=a.warmup, catalog_sizes=sizes, overrides=a.overrides)
+                   warmup=a.warmup, catalog_sizes=sizes, overrides=a.overrides, guard_steps=a.guard_steps)
     print(markdown(report))
     print(f"report: {Path(a.out or 'runs/bench') / 'bench.json'}")
 
@@ -448,6 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=int, default=10, help="timed steps (medians)")
     s.add_argument("--warmup", type=int, default=2, help="untimed steps first (the first step catches the "
                    "simulated attackers up to their depths)")
+    s.add_argument("--guard-steps", type=int, default=0, help="encoder-guard steps timed per phase (default 4 x "
+                   "--steps)")
     s.add_argument("--catalog-sizes", default="1,8", help="tiny-world catalogs to time, e.g. 1,8,32,128 "
                    "(catalog_cost_ratio_128_vs_1 needs 1 and 128); empty: none")
     s.add_argument("--out", default=None, help="writes OUT/bench.json and OUT/bench.md (default runs/bench); "
