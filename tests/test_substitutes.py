@@ -26,6 +26,20 @@ def test_rank_orders_each_class_by_its_worst_rate_then_margin_along_the_attack()
     assert ranking["cat"][2]["margin"] == pytest.approx(-0.05)
     assert ranking["cat"][2]["identity_match_min"] == 0.2
     assert ranking["vase"][0]["identity_match"] == {"0.5": 0.8, "1": 0.6}
+    assert ranking["cat"][0]["draws"] == 1
+
+
+def test_rank_over_several_draws_takes_the_mean_rate_at_each_length():
+    first = {"threshold": 0.5, "attacks": [
+        _record("cat-catalog-1000", "cat", 1, 0.9, 1.0), _record("cat-catalog-1001", "cat", 1, 0.6, 0.9)]}
+    # the first draw's winner was lucky: another draw of the same attacks
+    second = {"threshold": 0.6, "attacks": [
+        _record("cat-catalog-1000", "cat", 1, 0.5, 0.4), _record("cat-catalog-1001", "cat", 1, 0.7, 0.9)]}
+    assert [c["id"] for c in rank(first)["cat"]] == ["cat-catalog-1000", "cat-catalog-1001"]
+    best, other = rank(first, second)["cat"]
+    assert (best["id"], best["identity_match"], best["draws"]) == ("cat-catalog-1001", {"1": 0.9}, 2)
+    assert other["identity_match_min"] == pytest.approx(0.7)
+    assert other["margin"] == pytest.approx((0.4 - 0.1) / 2)   # each draw's margin over its own threshold
 
 
 def test_world_protect_takes_the_ranked_substitutes(tmp_path):
@@ -67,11 +81,14 @@ def test_bad_rankings_are_refused_with_the_file_named(tmp_path):
 @pytest.mark.slow
 def test_substitutes_screens_candidates_and_world_uses_the_ranking(tmp_path, capsys):
     assert main(["substitutes", "--model", "tiny-sd", "--classes", "cat=2", "--suite", "smoke-curve",
-                 "--samples", "2", "--out", str(tmp_path / "screen")]) == 0
+                 "--samples", "2", "--draws", "2", "--out", str(tmp_path / "screen")]) == 0
     result = json.loads((tmp_path / "screen" / "substitutes.json").read_text())
+    assert result["draws"] == 2 and (tmp_path / "screen" / "screen-1" / "report.json").is_file()
+    second = json.loads((tmp_path / "screen" / "screen-1" / "report.json").read_text())
+    assert second["seed"] == 1
     cands = result["ranking"]["cat"]
     assert sorted(c["id"] for c in cands) == [f"cat-catalog-{SUBSTITUTE_START}", f"cat-catalog-{SUBSTITUTE_START + 1}"]
-    assert all(set(c["identity_match"]) == {"0.5", "1", "2"} for c in cands)
+    assert all(set(c["identity_match"]) == {"0.5", "1", "2"} and c["draws"] == 2 for c in cands)
     assert (cands[0]["identity_match_min"], cands[0]["margin"]) >= (cands[1]["identity_match_min"], cands[1]["margin"])
     assert "| cat | " + cands[0]["id"] in capsys.readouterr().out
     main(["world", "--out", str(tmp_path / "w"), "--classes", "cat=3", "--protect", "3", "--images", "2",

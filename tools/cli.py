@@ -170,7 +170,7 @@ def cmd_substitutes(a):
     from tools.substitutes import screen
 
     screen(a.model, _counts(a.classes, a.per_class), Path(a.out), start=SUBSTITUTE_START if a.start is None else a.start,
-           seed=a.seed, n_samples=a.samples, suite=a.suite, workers=a.workers)
+           seed=a.seed, n_samples=a.samples, suite=a.suite, workers=a.workers, draws=a.draws)
     print((Path(a.out) / "substitutes.md").read_text())
 
 
@@ -389,7 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--start", type=int, default=None, help="first candidate index (default: the substitute range)")
     s.add_argument("--suite", default="curve-short", help="attack suite judged along its lengths")
     s.add_argument("--samples", type=int, default=32, help="samples per attack")
-    s.add_argument("--seed", type=int, default=0, help="world and attack seed")
+    s.add_argument("--seed", type=int, default=0, help="world and first attack seed")
+    s.add_argument("--draws", type=int, default=1, help="attack draws per candidate (seeds SEED, SEED+1, ...), "
+                   "ranked by the mean: one draw is noisy (README, session 12)")
     s.add_argument("--workers", type=int, default=1, help=WORKERS_HELP)
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_substitutes)

@@ -5,8 +5,8 @@ BSR can be no better than how reliably the attack personalizes the ORIGINAL mode
 itself. That varies a lot between identities (session 10, 8+8 catalog: the original's identity match on
 one cat swung 0.84 / 0.16 / 1.00 / 0.44 / 0.25 along a single 3200-step attack, a distinctive face stayed
 at 1.00). A publisher picks the substitute, so it should pick one the attack learns early and keeps:
-render candidate identities, attack the original model on each with a curve suite, rank each class's
-candidates by their worst identity-match rate along the curve, and hand the ranking to
+render candidate identities, attack the original model on each with a curve suite (`draws` times: one
+draw is noisy), rank each class's candidates by their worst mean identity-match rate along the curve, and hand the ranking to
 `persguard world --protect N --substitutes FILE` (tools/demo.py: mark_protected).
 """
 from __future__ import annotations
@@ -17,31 +17,37 @@ from pathlib import Path
 SCREEN_SUITE = "curve-short"   # the default attack judged at 0.5x, 1x and 2x
 
 
-def rank(report: dict) -> dict[str, list[dict]]:
-    """Per class, the report's entries best first: by the worst (over the suite's attack lengths)
-    identity-match rate, ties by the worst margin of the mean identity similarity over the judge's
-    threshold (the rate is what BSR counts; the margin says how far from flipping it is)."""
-    thr = report["threshold"]
-    by_entry: dict[str, list[dict]] = {}
-    for r in report["attacks"]:
-        by_entry.setdefault(r["entry"], []).append(r)
+def rank(*reports: dict) -> dict[str, list[dict]]:
+    """Per class, the reports' entries best first: by the worst (over the suite's attack lengths) mean
+    identity-match rate over the reports (attack draws), ties by the worst mean margin of the identity
+    similarity over the judge's threshold (the rate is what BSR counts; the margin says how far from
+    flipping it is). One draw is not enough to rank on (session 12: the same cat's own photos gave 0.53,
+    0.84 and 0.94 at 1x in three draws); `draws` records how many each mean is over."""
+    cells: dict[str, dict[float, list[tuple[float, float]]]] = {}
+    classes: dict[str, str] = {}
+    for report in reports:
+        thr = report["threshold"]
+        for r in report["attacks"]:
+            cells.setdefault(r["entry"], {}).setdefault(r["multiple"], []).append((r["identity_match"], r["ism"] - thr))
+            classes[r["entry"]] = r["class"]
     ranking: dict[str, list[dict]] = {}
-    for entry, rs in by_entry.items():
-        rs = sorted(rs, key=lambda r: r["multiple"])
-        ranking.setdefault(rs[0]["class"], []).append({
-            "id": entry, "margin": min(r["ism"] - thr for r in rs),
-            "identity_match_min": min(r["identity_match"] for r in rs),
-            "identity_match": {str(r["multiple"]): r["identity_match"] for r in rs},
-            "ism": {str(r["multiple"]): r["ism"] for r in rs}})
+    for entry, by_multiple in cells.items():
+        mean = {m: (sum(v[0] for v in vs) / len(vs), sum(v[1] for v in vs) / len(vs))
+                for m, vs in sorted(by_multiple.items())}
+        ranking.setdefault(classes[entry], []).append({
+            "id": entry, "margin": min(v[1] for v in mean.values()),
+            "identity_match_min": min(v[0] for v in mean.values()),
+            "identity_match": {str(m): v[0] for m, v in mean.items()},
+            "draws": min(len(vs) for vs in by_multiple.values())})
     for cands in ranking.values():
         cands.sort(key=lambda c: (c["identity_match_min"], c["margin"]), reverse=True)
     return ranking
 
 
-def render_markdown(ranking: dict[str, list[dict]], model: str, suite: str) -> str:
-    lines = [f"# Substitute screen: `{model}`, suite `{suite}`", "",
-             "Candidates per class, best first: by the worst identity-match rate along the attack, ties by the "
-             "worst margin of the mean identity similarity over the judge's threshold.", "",
+def render_markdown(ranking: dict[str, list[dict]], model: str, suite: str, draws: int = 1) -> str:
+    lines = [f"# Substitute screen: `{model}`, suite `{suite}`, {draws} attack draw(s)", "",
+             "Candidates per class, best first: by the worst identity-match rate along the attack (mean over "
+             "the draws), ties by the worst margin of the mean identity similarity over the judge's threshold.", "",
              "| class | candidate | identity match by length | worst margin |", "|---|---|---|---|"]
     for cls, cands in ranking.items():
         for c in cands:
@@ -51,25 +57,28 @@ def render_markdown(ranking: dict[str, list[dict]], model: str, suite: str) -> s
 
 
 def screen(model: str, counts: dict[str, int], out: Path, start: int, seed: int = 0, n_samples: int = 32,
-           suite: str = SCREEN_SUITE, workers: int = 1) -> dict:
+           suite: str = SCREEN_SUITE, workers: int = 1, draws: int = 1) -> dict:
     """Render `counts[cls]` candidate identities per class (catalog split, from index `start`) into
-    OUT/candidates, attack `model` on each, and write OUT/substitutes.json (`{"model", "suite", "seed",
-    "ranking": {cls: [...]}}`) and OUT/substitutes.md."""
+    OUT/candidates, attack `model` on each `draws` times (evaluation seeds `seed`, `seed` + 1, ...; the
+    first is OUT/screen, the others OUT/screen-<k>), and write OUT/substitutes.json (`{"model", "suite",
+    "seed", "draws", "ranking": {cls: [...]}}`) and OUT/substitutes.md."""
     from tools import world
     from tools.evaluate import evaluate
     from train.catalog import write_catalog
 
+    if draws < 1:
+        raise ValueError(f"substitutes: draws must be >= 1, not {draws}")
     out = Path(out)
     folder = out / "candidates"
     entries = []
     for cls, n in counts.items():
         entries += world.generate(folder, split="catalog", per_class=n, classes=(cls,), seed=seed, start=start)
     write_catalog(entries, folder / "catalog.jsonl")
-    report = evaluate(model, out / "screen", catalog=folder / "catalog.jsonl", suite=suite, n_samples=n_samples,
-                      seed=seed, workers=workers)
-    result = {"model": str(model), "suite": suite, "seed": seed, "ranking": rank(report)}
+    reports = [evaluate(model, out / ("screen" if k == 0 else f"screen-{k}"), catalog=folder / "catalog.jsonl",
+                        suite=suite, n_samples=n_samples, seed=seed + k, workers=workers) for k in range(draws)]
+    result = {"model": str(model), "suite": suite, "seed": seed, "draws": draws, "ranking": rank(*reports)}
     (out / "substitutes.json").write_text(json.dumps(result, indent=1))
-    (out / "substitutes.md").write_text(render_markdown(result["ranking"], str(model), suite))
+    (out / "substitutes.md").write_text(render_markdown(result["ranking"], str(model), suite, draws))
     return result
 
 
