@@ -201,6 +201,8 @@ def test_protect_with_the_guard_releases_a_guarded_encoder_and_resumes_it(world_
     assert any(enc) and not dec
     again = protect(cfg(), progress=False)   # a job restarted after the guard: it is loaded, not redone
     assert again["encoder_guard"] == first["encoder_guard"] and done.stat().st_mtime_ns == stamp
+    with pytest.raises(ValueError, match="encoder-guard.pt: encoder-guard checkpoint made with another config"):
+        protect(cfg("encoder_guard.lr=5e-4"), progress=False)   # never a silent mix of two runs
 
 
 def test_a_prompt_only_target_is_refused_before_any_work(world_catalog, tmp_path):

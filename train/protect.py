@@ -152,8 +152,8 @@ class Protector:
         """Rank 0 fine-tunes the VAE encoder (train/encoder_guard.py) after the UNet's steps. Every
         `checkpoint_every` guard steps its state goes to checkpoints/encoder-guard-partial.pt (temp file +
         rename) and a restarted job goes on from there exactly; the result goes to encoder-guard.pt, so a
-        job killed afterwards does not redo it. A checkpoint of another config, catalog or UNet step is
-        ignored, not mixed in."""
+        job killed afterwards does not redo it. A checkpoint of another config or catalog is refused, as
+        the UNet's are; one made after another UNet step is stale and redone."""
         g = self.cfg.encoder_guard
         if not g.enabled or self.rank != 0:
             return None
@@ -165,7 +165,10 @@ class Protector:
             if not path.is_file():
                 return None
             state = torch.load(path, weights_only=False)
-            return state if {k: state.get(k) for k in stamp} == stamp else None
+            if state.get("fingerprint") != stamp["fingerprint"]:
+                raise ValueError(f"{path}: encoder-guard checkpoint made with another config or catalog "
+                                 f"({state.get('fingerprint')} vs {stamp['fingerprint']}); use a new --out or the same inputs")
+            return state if state.get("step") == stamp["step"] else None
 
         def save(state: dict, path: Path) -> None:
             path.parent.mkdir(parents=True, exist_ok=True)
