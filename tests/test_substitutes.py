@@ -97,22 +97,26 @@ def test_substitutes_screens_candidates_and_world_uses_the_ranking(tmp_path, cap
     assert target["images"] == f"{cands[0]['id']}/images"
 
 
-def test_ceiling_catalog_holds_the_guards_transplant_and_the_substitutes_own_photos(tmp_path):
+def test_ceiling_catalogs_hold_the_guards_transplant_and_the_substitutes_own_photos_in_entry_order(tmp_path):
     import torch
 
-    from tools.exp_substitute_ceiling import ceiling_catalog
+    from tools.exp_substitute_ceiling import ceiling_catalogs
     from train import encoder_guard, objectives
     from train.catalog import load_catalog, load_images
 
     out = tmp_path / "w"
     main(["world", "--out", str(out), "--classes", "person=3", "--protect", "3", "--images", "3", "--reference", "2"])
     (target,) = [e for e in load_catalog(out / "catalog.jsonl") if e.objective == "target"]
-    rows = {e.id: e for e in load_catalog(ceiling_catalog(out / "catalog.jsonl", tmp_path / "ceiling"))}
-    assert set(rows) == {f"{target.id}-transplant", f"{target.id}-own"}
-    assert all(not e.protected and e.reference_dir == (out / target.target["reference"]).resolve() for e in rows.values())
+    paths = ceiling_catalogs(out / "catalog.jsonl", tmp_path / "ceiling")
+    (copy,) = load_catalog(paths["targets"])   # the target entry itself, readable from the new folder
+    assert copy.id == target.id and torch.equal(objectives.resolve(copy).images, objectives.resolve(target).images)
+    (moved_entry,), (own_entry,) = load_catalog(paths["transplant"]), load_catalog(paths["own"])
+    assert (moved_entry.id, own_entry.id) == (f"{target.id}-transplant", f"{target.id}-own")
+    reference = (out / target.target["reference"]).resolve()
+    assert all(not e.protected and e.reference_dir == reference for e in (moved_entry, own_entry))
     sub = objectives.resolve(target)
     images, backgrounds = load_images(target.images, 64), load_images(target.backgrounds, 64)
     moved = encoder_guard.transplant(encoder_guard.subject_masks(images, backgrounds), backgrounds, sub.images,
                                      encoder_guard.subject_masks(sub.images, sub.backgrounds))[0]
-    torch.testing.assert_close(load_images(rows[f"{target.id}-transplant"].images, 64), moved, atol=1 / 255, rtol=0)
-    assert torch.equal(load_images(rows[f"{target.id}-own"].images, 64), sub.images)
+    torch.testing.assert_close(load_images(moved_entry.images, 64), moved, atol=1 / 255, rtol=0)
+    assert torch.equal(load_images(own_entry.images, 64), sub.images)

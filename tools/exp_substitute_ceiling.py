@@ -3,12 +3,15 @@
 The guard makes the attacker train on the substitute moved onto each protected photo. A PERFECT guard
 would hand the attack exactly those images, so the original model attacked on them is the guard's
 ceiling; the original attacked on the substitute's own photos is the ceiling of any guard that hands the
-attacker the substitute. For every target entry of a catalog this writes two unprotected entries judged
-against the substitute's held-out views: `<id>-transplant` (train/encoder_guard.py: transplant, exactly
-what the guard trains towards) and `<id>-own` (the substitute's own photos). Then:
+attacker the substitute. For the target entries of a catalog this writes OUT/targets.jsonl (those entries,
+for the guarded model), OUT/transplant.jsonl (train/encoder_guard.py: transplant, exactly what the guard
+trains towards) and OUT/own.jsonl (the substitute's own photos): unprotected entries judged against the
+substitute's held-out views, in the same order, so an evaluation with one seed gives entry k the same
+attack and sampling seeds in all three (tools/evaluate.py seeds by position). Then, for each FILE:
 
     python -m tools.exp_substitute_ceiling runs/wb/world/catalog.jsonl runs/ceiling
-    persguard evaluate --model tiny-sd --catalog runs/ceiling/catalog.jsonl --suite curve-short --seed S --out ...
+    persguard evaluate --model tiny-sd --catalog runs/ceiling/FILE --suite curve-short --seed S --out ...
+    (targets.jsonl with --model runs/wb/protected)
 """
 import sys
 from pathlib import Path
@@ -27,29 +30,38 @@ def _save(images, folder: Path) -> Path:
     return folder
 
 
-def ceiling_catalog(catalog: Path, out: Path) -> Path:
-    rows = []
+def ceiling_catalogs(catalog: Path, out: Path) -> dict[str, Path]:
+    targets, variants = [], {"transplant": [], "own": []}
     for e in load_catalog(catalog):
-        if e.objective != "target" or e.backgrounds is None:
+        if e.objective != "target":
             continue
         target = objectives.resolve(e)
-        if target.backgrounds is None:
-            raise ValueError(f"{catalog}: line {e.line} ({e.id}): the substitute has no backgrounds to transplant with")
+        if e.backgrounds is None or target.images is None or target.backgrounds is None or not e.target.get("reference"):
+            raise ValueError(f"{catalog}: line {e.line} ({e.id}): a transplant needs the entry's backgrounds and the "
+                             "substitute's images, backgrounds and reference")
         images, backgrounds = load_images(e.images, 64), load_images(e.backgrounds, 64)
         moved = encoder_guard.transplant(encoder_guard.subject_masks(images, backgrounds), backgrounds,
                                          target.images, encoder_guard.subject_masks(target.images, target.backgrounds))
         if moved is None:
             raise ValueError(f"{catalog}: line {e.line} ({e.id}): an empty subject mask, nothing to transplant")
+        row = e.to_json()   # absolute paths: the copy lives in OUT
+        row.update({k: str(Path(getattr(e, k)).resolve()) for k in ("images", "reference", "backgrounds") if getattr(e, k)})
+        row["target"] = {k: str((e.catalog_dir / v).resolve()) for k, v in e.target.items()}
+        targets.append(row)
         reference = (e.catalog_dir / e.target["reference"]).resolve()
         for name, imgs in (("transplant", moved[0]), ("own", target.images)):
-            rows.append({"id": f"{e.id}-{name}", "class": e.cls, "protected": False, "objective": None,
-                         "target": None, "images": str(_save(imgs, out / f"{e.id}-{name}").resolve()),
-                         "reference": str(reference)})
-    if not rows:
-        raise ValueError(f"{catalog}: no target entry with backgrounds")
-    write_catalog(rows, out / "catalog.jsonl")
-    return out / "catalog.jsonl"
+            variants[name].append({"id": f"{e.id}-{name}", "class": e.cls, "protected": False, "objective": None,
+                                   "target": None, "images": str(_save(imgs, out / f"{e.id}-{name}").resolve()),
+                                   "reference": str(reference)})
+    if not targets:
+        raise ValueError(f"{catalog}: no target entry")
+    paths = {name: out / f"{name}.jsonl" for name in ("targets", *variants)}
+    write_catalog(targets, paths["targets"])
+    for name, rows in variants.items():
+        write_catalog(rows, paths[name])
+    return paths
 
 
 if __name__ == "__main__":
-    print(ceiling_catalog(Path(sys.argv[1]), Path(sys.argv[2])))
+    for path in ceiling_catalogs(Path(sys.argv[1]), Path(sys.argv[2])).values():
+        print(path)

@@ -6,8 +6,8 @@ itself. That varies a lot between identities (session 10, 8+8 catalog: the origi
 one cat swung 0.84 / 0.16 / 1.00 / 0.44 / 0.25 along a single 3200-step attack, a distinctive face stayed
 at 1.00). A publisher picks the substitute, so it should pick one the attack learns early and keeps:
 render candidate identities, attack the original model on each with a curve suite (`draws` times: one
-draw is noisy), rank each class's candidates by their worst mean identity-match rate along the curve, and hand the ranking to
-`persguard world --protect N --substitutes FILE` (tools/demo.py: mark_protected).
+draw is noisy), rank each class's candidates by their worst mean identity-match rate along the curve,
+and hand the ranking to `persguard world --protect N --substitutes FILE` (tools/demo.py: mark_protected).
 """
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ def rank(*reports: dict) -> dict[str, list[dict]]:
     """Per class, the reports' entries best first: by the worst (over the suite's attack lengths) mean
     identity-match rate over the reports (attack draws), ties by the worst mean margin of the identity
     similarity over the judge's threshold (the rate is what BSR counts; the margin says how far from
-    flipping it is). One draw is not enough to rank on (session 12: the same cat's own photos gave 0.53,
-    0.84 and 0.94 at 1x in three draws); `draws` records how many each mean is over."""
+    flipping it is). One draw is not enough to rank on (session 12: the same cat's own photos gave 0.53
+    to 1.00 at 1x across draws); `draws` records how many each mean is over."""
     cells: dict[str, dict[float, list[tuple[float, float]]]] = {}
     classes: dict[str, str] = {}
     for report in reports:
