@@ -172,7 +172,7 @@ def test_a_sigkilled_protect_resumes_the_guard_to_the_same_encoder(world_catalog
 
 
 @pytest.mark.slow
-def test_protect_with_the_guard_releases_a_guarded_encoder_and_resumes_it(world_catalog, tmp_path):
+def test_protect_with_the_guard_releases_a_guarded_encoder_and_resumes_it(world_catalog, tmp_path, capsys):
     from train.config import load_config
     from train.protect import protect
 
@@ -182,7 +182,7 @@ def test_protect_with_the_guard_releases_a_guarded_encoder_and_resumes_it(world_
     write_catalog(rows, cat)
     out = tmp_path / "run"
 
-    def cfg(*extra):
+    def cfg(*extra, out=out):
         return load_config(None, [f"catalog={cat}", f"out={out}", "steps=0", "encoder_guard.enabled=true",
                                   "encoder_guard.steps=3", "encoder_guard.sharpen_steps=2", "encoder_guard.batch=4",
                                   "prior.retention_batch=4", "logging.probe_every=-1", *extra])
@@ -203,6 +203,17 @@ def test_protect_with_the_guard_releases_a_guarded_encoder_and_resumes_it(world_
     assert again["encoder_guard"] == first["encoder_guard"] and done.stat().st_mtime_ns == stamp
     with pytest.raises(ValueError, match="encoder-guard.pt: encoder-guard checkpoint made with another config"):
         protect(cfg("encoder_guard.lr=5e-4"), progress=False)   # never a silent mix of two runs
+    with pytest.raises(ValueError, match="encoder-guard.pt: the encoder guard ran 5 steps there, the config asks 4"):
+        protect(cfg("encoder_guard.sharpen_steps=1"), progress=False)
+    # more sharpening steps on the same out go on from the finished guard: the encoder a longer run releases
+    capsys.readouterr()
+    protect(cfg("encoder_guard.sharpen_steps=4"), progress=True)
+    assert "encoder guard: resuming at step 5 of 7" in capsys.readouterr().out
+    protect(cfg("encoder_guard.sharpen_steps=4", out=tmp_path / "longer"), progress=False)
+    extended, longer = load_pipeline(out / "protected").vae, load_pipeline(tmp_path / "longer" / "protected").vae
+    assert not torch.equal(extended.encoder.conv_in.weight, released.vae.encoder.conv_in.weight)
+    for k, v in longer.state_dict().items():
+        assert torch.equal(v, extended.state_dict()[k]), k
 
 
 def test_a_prompt_only_target_is_refused_before_any_work(world_catalog, tmp_path):

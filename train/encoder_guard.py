@@ -199,9 +199,10 @@ def guard_encoder(vae, protected: list[GuardSample], keep_batches, steps: int = 
     an attacker's UNet learns late, and how close they come decides how soon (README, session 8). Returns
     the mean losses of the last 50 steps {"protect_loss", "keep_loss"} and `latent_gap` per objective.
 
-    Every `checkpoint_every` steps `checkpoint(state)` gets everything a killed run needs to go on exactly
-    (encoder, optimizer, schedule, random states, losses so far); `resume=state` continues from it, the
-    caller positioning `keep_batches` past the `state["step"]` batches already drawn. `vae` must be the
+    Every `checkpoint_every` steps, and after the last, `checkpoint(state)` gets everything a killed run
+    needs to go on exactly (encoder, optimizer, schedule, random states, losses so far); `resume=state`
+    continues from it, the caller positioning `keep_batches` past the `state["step"]` batches already drawn.
+    A finished run's last state resumed with more `sharpen_steps` goes on as if they had been asked first. `vae` must be the
     unguarded encoder either way: it is also the teacher.
     """
     from tqdm import tqdm
@@ -268,7 +269,7 @@ def guard_encoder(vae, protected: list[GuardSample], keep_batches, steps: int = 
         opt.zero_grad(set_to_none=True)
         hist["protect_loss"].append(loss_p.item())
         hist["keep_loss"].append(loss_k.item())
-        if checkpoint is not None and checkpoint_every and (i + 1) % checkpoint_every == 0 and i + 1 < total:
+        if checkpoint is not None and ((checkpoint_every and (i + 1) % checkpoint_every == 0) or i + 1 == total):
             checkpoint({"step": i + 1, "vae": vae.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
                         "gen": gen.get_state(), "rng": rng.bit_generator.state, "hist": hist})
     vae.eval().requires_grad_(False)

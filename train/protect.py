@@ -153,13 +153,16 @@ class Protector:
         `checkpoint_every` guard steps its state goes to checkpoints/encoder-guard-partial.pt (temp file +
         rename) and a restarted job goes on from there exactly; the result goes to encoder-guard.pt, so a
         job killed afterwards does not redo it. A checkpoint of another config or catalog is refused, as
-        the UNet's are; one made after another UNet step is stale and redone."""
+        the UNet's are; one made after another UNet step is stale and redone. Raising
+        `encoder_guard.sharpen_steps` on a finished run's out extends its guard from where it ended, as
+        if the larger number had been asked first (a catalog that needs more steps than one job's budget)."""
         g = self.cfg.encoder_guard
         if not g.enabled or self.rank != 0:
             return None
         ckdir = self.out / "checkpoints"
         done, partial = ckdir / "encoder-guard.pt", ckdir / "encoder-guard-partial.pt"
         stamp = {"fingerprint": self.fingerprint(), "step": self.step}
+        total = g.steps + g.sharpen_steps
 
         def load_matching(path: Path) -> dict | None:
             if not path.is_file():
@@ -168,7 +171,13 @@ class Protector:
             if state.get("fingerprint") != stamp["fingerprint"]:
                 raise ValueError(f"{path}: encoder-guard checkpoint made with another config or catalog "
                                  f"({state.get('fingerprint')} vs {stamp['fingerprint']}); use a new --out or the same inputs")
-            return state if state.get("step") == stamp["step"] else None
+            if state.get("step") != stamp["step"]:
+                return None
+            if state["guard"]["step"] > total:
+                raise ValueError(f"{path}: the encoder guard ran {state['guard']['step']} steps there, the config asks "
+                                 f"{total}; a guard can be extended (more encoder_guard.sharpen_steps), not shortened: "
+                                 "use a new --out")
+            return state
 
         def save(state: dict, path: Path) -> None:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -176,14 +185,15 @@ class Protector:
             torch.save({**stamp, **state}, tmp)
             tmp.replace(path)
 
-        state = load_matching(done)
-        if state is not None:
-            self.pipe.vae.load_state_dict(state["vae"])
-            return state["stats"]
-        resume = load_matching(partial)
+        finished = load_matching(done)
+        if finished is not None and finished["guard"]["step"] == total:
+            self.pipe.vae.load_state_dict(finished["vae"])
+            return finished["stats"]
+        resume = load_matching(partial) or finished   # a killed extension has both; the partial is further on
         skip = resume["guard"]["step"] if resume is not None else 0
         if resume is not None and self.progress:
-            tqdm.write(f"encoder guard: resuming at step {skip} of {g.steps + g.sharpen_steps} from {partial}")
+            tqdm.write(f"encoder guard: resuming at step {skip} of {total} from "
+                       f"{partial if resume is not finished else done}")
         samples = []
         for e in self.protected:
             target = objectives.resolve(e)
@@ -207,15 +217,16 @@ class Protector:
                     raise ValueError("encoder_guard: nothing to keep (no retention shards, no unprotected entries)")
                 yield torch.cat(parts)
 
-        vae = self.pipe.vae.float()
+        vae, last = self.pipe.vae.float(), {}
         stats = encoder_guard.guard_encoder(
             vae, samples, keep_batches(), steps=g.steps, lr=g.lr, batch=g.batch, keep_weight=g.keep_weight,
             objective_weights={"target": g.target_weight}, augment_photos=g.augment, paste_fraction=g.paste_fraction,
             sharpen_steps=g.sharpen_steps, sharpen_lr=g.sharpen_lr,
             backgrounds=torch.cat(known) if known else None, seed=self.cfg.seed, progress=self.progress,
             resume=resume["guard"] if resume is not None else None,
-            checkpoint=lambda guard: save({"guard": guard}, partial), checkpoint_every=self.cfg.checkpoint_every)
-        save({"vae": vae.state_dict(), "stats": stats}, done)
+            checkpoint=lambda guard: last.update(guard=guard) or save({"guard": guard}, partial),
+            checkpoint_every=self.cfg.checkpoint_every)
+        save({"vae": vae.state_dict(), "stats": stats, "guard": last["guard"]}, done)
         partial.unlink(missing_ok=True)
         return stats
 
@@ -514,6 +525,7 @@ class Protector:
         cfg = self.cfg.to_dict()
         for where in ("out", "steps", "logging", "cluster"):   # may change between a run and its resume
             cfg.pop(where)
+        cfg["encoder_guard"].pop("sharpen_steps")   # may grow: the guard is extended (implant_encoder_guard)
         return {"config": hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16],
                 "catalog": file_hash(Path(self.cfg.catalog)), "world_size": self.world}
 
