@@ -57,6 +57,17 @@ def test_world_protect_takes_the_ranked_substitutes(tmp_path):
     assert subs == [("person", "person-catalog-1005"), ("person", "person-catalog-1002"),
                     ("cat", "cat-catalog-1003")]
     assert (out / "person-catalog-1005" / "images").is_dir()
+    # a class may take another class's substitutes, the candidates shared in order with that class's own
+    cross = tmp_path / "x"
+    main(["world", "--out", str(cross), "--classes", "person=6,cat=3", "--protect", "9", "--images", "2",
+          "--reference", "1", "--substitutes", str(tmp_path / "substitutes.json"), "--substitute-class", "cat=person"])
+    lines = [json.loads(x) for x in (cross / "catalog.jsonl").read_text().splitlines()]
+    subs = [(e["class"], e["target"]["images"].split("/")[0]) for e in lines if e["objective"] == "target"]
+    assert sorted(c for c, _ in subs) == ["cat", "person", "person"]
+    # the three take the person ranking in turn, cycled where it runs out
+    assert sorted(sub for _, sub in subs) == ["person-catalog-1002", "person-catalog-1005", "person-catalog-1005"]
+    with pytest.raises(SystemExit, match="--substitute-class: expected CLASS=OTHER"):
+        main(["world", "--out", str(cross), "--protect", "3", "--substitute-class", "cat"])
 
 
 def test_bad_rankings_are_refused_with_the_file_named(tmp_path):

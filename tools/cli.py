@@ -34,7 +34,8 @@ def cmd_world(a):
         if a.substitutes:
             from tools.substitutes import load_ranking
             ranking = load_ranking(Path(a.substitutes), a.seed)
-        mark_protected(entries, a.protect, Path(a.out), seed=a.seed, substitutes=ranking)
+        mark_protected(entries, a.protect, Path(a.out), seed=a.seed, substitutes=ranking,
+                       substitute_classes=_pairs(a.substitute_class, "--substitute-class"))
     write_catalog(entries, Path(a.out) / "catalog.jsonl")
     print(f"{len(entries)} identities ({a.protect} protected) in {a.out}; catalog {Path(a.out) / 'catalog.jsonl'}")
 
@@ -165,6 +166,17 @@ def _counts(spec: str, default: int) -> dict[str, int]:
     return counts
 
 
+def _pairs(items: list[str], flag: str) -> dict[str, str]:
+    """["cat=vase"] -> {"cat": "vase"}"""
+    pairs = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key or not value:
+            raise SystemExit(f"{flag}: expected CLASS=OTHER, got {item!r}")
+        pairs[key] = value
+    return pairs
+
+
 def cmd_substitutes(a):
     from tools.demo import SUBSTITUTE_START
     from tools.substitutes import screen
@@ -284,6 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--substitutes", metavar="FILE",
                    help="with --protect: target entries take the best-ranked substitutes of FILE "
                         "(substitutes.json of `persguard substitutes`)")
+    s.add_argument("--substitute-class", action="append", default=[], metavar="CLASS=OTHER",
+                   help="with --protect: CLASS's target entries take substitutes of class OTHER (repeatable), "
+                        "e.g. cat=vase where no cat is learned reliably by the attack")
     s.add_argument("--attacker-photos", metavar="CATALOG",
                    help="instead: copy CATALOG with each entry's images replaced by --images fresh views of its "
                         "identity (photos the publisher never had), for `persguard evaluate --catalog`")

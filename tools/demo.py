@@ -21,33 +21,36 @@ SUBSTITUTE_START = 1000   # catalog-split indices of substitute identities (neve
 
 
 def mark_protected(entries: list[dict], n: int, folder: Path, seed: int = 0,
-                   substitutes: dict[str, list[int]] | None = None) -> list[dict]:
+                   substitutes: dict[str, list[int]] | None = None,
+                   substitute_classes: dict[str, str] | None = None) -> list[dict]:
     """Protect `n` of the rendered `entries` (dicts of world.generate, paths relative to `folder`), taken
     round-robin across classes so every class keeps protected and unprotected entries; within a class the
     objectives cycle pattern, erasure, target (shifted per class, so every class meets each). A target
     entry's substitute is another identity of its class, rendered into `folder`: its photos and their
     subject-free twins are the target images, its held-out reference views what the evaluation judges by.
     With `substitutes` (tools/substitutes.py: load_ranking), a class's target entries take its ranked
-    candidates in order, best first; otherwise identity SUBSTITUTE_START + k for the k-th protected entry."""
+    candidates in order, best first; otherwise identity SUBSTITUTE_START + k for the k-th protected entry.
+    `substitute_classes` ({"cat": "vase"}) takes a class's substitutes from another class (SPEC: "a rabbit
+    instead of the dog"), its ranked candidates shared in order with that class's own target entries."""
     by_class: dict[str, list[dict]] = {}
     for e in entries:
         by_class.setdefault(e["class"], []).append(e)
     order = [q[i] for i in range(max(map(len, by_class.values()))) for q in by_class.values() if i < len(q)]
     if n > len(order):
         raise ValueError(f"cannot protect {n} of {len(order)} entries")
-    classes, seen, targets = list(by_class), {c: 0 for c in by_class}, {c: 0 for c in by_class}
+    classes, seen, targets = list(by_class), {c: 0 for c in by_class}, {}
     for k, e in enumerate(order[:n]):
         e.update(protected=True, objective=OBJECTIVES[(seen[e["class"]] + classes.index(e["class"])) % 3])
         seen[e["class"]] += 1
         if e["objective"] == "target":
-            index = SUBSTITUTE_START + k
+            cls, index = (substitute_classes or {}).get(e["class"], e["class"]), SUBSTITUTE_START + k
             if substitutes is not None:
-                ranked = substitutes.get(e["class"])
+                ranked = substitutes.get(cls)
                 if not ranked:
-                    raise ValueError(f"no ranked substitute candidates of class {e['class']!r}")
-                index = ranked[targets[e["class"]] % len(ranked)]
-                targets[e["class"]] += 1
-            sub = world.generate(folder, split="catalog", per_class=1, classes=(e["class"],), seed=seed,
+                    raise ValueError(f"no ranked substitute candidates of class {cls!r}")
+                index = ranked[targets.get(cls, 0) % len(ranked)]
+                targets[cls] = targets.get(cls, 0) + 1
+            sub = world.generate(folder, split="catalog", per_class=1, classes=(cls,), seed=seed,
                                  start=index, progress=False)[0]
             if any(sub["id"] == other["id"] for other in entries):
                 raise ValueError(f"substitute {sub['id']} is itself an entry of the catalog")
