@@ -131,3 +131,15 @@ def test_ceiling_catalogs_hold_the_guards_transplant_and_the_substitutes_own_pho
                                      encoder_guard.subject_masks(sub.images, sub.backgrounds))[0]
     torch.testing.assert_close(load_images(moved_entry.images, 64), moved, atol=1 / 255, rtol=0)
     assert torch.equal(load_images(own_entry.images, 64), sub.images)
+    # candidates of any class moved onto one entry, judged against each candidate's own held-out views
+    from tools.exp_substitute_ceiling import candidate_catalog
+
+    path = candidate_catalog(out / "catalog.jsonl", target.id, ["vase-catalog-1006", "person-catalog-1001"],
+                             tmp_path / "cands")
+    vase, person = load_catalog(path)
+    assert (vase.id, vase.cls, vase.protected) == (f"{target.id}-as-vase-catalog-1006", "person", False)
+    assert vase.reference_dir == (tmp_path / "cands" / "world" / "vase-catalog-1006" / "reference").resolve()
+    assert person.reference_dir.parent.name == "person-catalog-1001" and len(load_images(vase.images, 64)) == 3
+    assert not torch.equal(load_images(vase.images, 64), load_images(person.images, 64))
+    with pytest.raises(ValueError, match="no entry 'nobody' with backgrounds"):
+        candidate_catalog(out / "catalog.jsonl", "nobody", ["vase-catalog-1006"], tmp_path / "cands")

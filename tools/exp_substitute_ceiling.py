@@ -10,10 +10,10 @@ substitute's held-out views, in the same order, so an evaluation with one seed g
 attack and sampling seeds in all three (tools/evaluate.py seeds by position). Then, for each FILE:
 
     python -m tools.exp_substitute_ceiling runs/wb/world/catalog.jsonl runs/ceiling
+    python -m tools.exp_substitute_ceiling CATALOG OUT --entry ID --candidates IDS   (candidates.jsonl)
     persguard evaluate --model tiny-sd --catalog runs/ceiling/FILE --suite curve-short --seed S --out ...
     (targets.jsonl with --model runs/wb/protected)
 """
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +62,47 @@ def ceiling_catalogs(catalog: Path, out: Path) -> dict[str, Path]:
     return paths
 
 
+def candidate_catalog(catalog: Path, entry_id: str, candidates: list[str], out: Path, seed: int = 0) -> Path:
+    """OUT/candidates.jsonl: for one protected entry, each candidate substitute (`<class>-catalog-<index>`
+    of world `seed`, any class: SPEC allows "a rabbit instead of the dog") transplanted onto the entry's
+    photos exactly as the guard would, as unprotected entries of the ENTRY's class (the attacker's prompt
+    names it) judged against the candidate's held-out views. The original model attacked on them ranks
+    the candidates for this entry, perfect guard assumed (session 13: no cat is learned reliably at 1x)."""
+    from tools import world
+
+    e = next((e for e in load_catalog(catalog) if e.id == entry_id), None)
+    if e is None or e.backgrounds is None:
+        raise ValueError(f"{catalog}: no entry {entry_id!r} with backgrounds")
+    images, backgrounds = load_images(e.images, 64), load_images(e.backgrounds, 64)
+    masks, rows = encoder_guard.subject_masks(images, backgrounds), []
+    for cand in candidates:
+        cls, split, index = cand.rsplit("-", 2)
+        sub = world.generate(out / "world", split=split, per_class=1, classes=(cls,), seed=seed, start=int(index),
+                             progress=False)[0]
+        subs, sub_bgs = load_images(out / "world" / sub["images"], 64), load_images(out / "world" / sub["backgrounds"], 64)
+        moved = encoder_guard.transplant(masks, backgrounds, subs, encoder_guard.subject_masks(subs, sub_bgs))
+        if moved is None:
+            raise ValueError(f"{catalog}: line {e.line} ({e.id}): an empty subject mask, nothing to transplant")
+        rows.append({"id": f"{e.id}-as-{cand}", "class": e.cls, "protected": False, "objective": None, "target": None,
+                     "images": str(_save(moved[0], out / f"{e.id}-as-{cand}").resolve()),
+                     "reference": str((out / "world" / sub["reference"]).resolve())})
+    path = out / "candidates.jsonl"
+    write_catalog(rows, path)
+    return path
+
+
 if __name__ == "__main__":
-    for path in ceiling_catalogs(Path(sys.argv[1]), Path(sys.argv[2])).values():
-        print(path)
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("catalog", type=Path)
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--entry", help="instead: transplant --candidates onto this entry's photos (candidates.jsonl)")
+    ap.add_argument("--candidates", default="", help="comma-separated ids, e.g. vase-catalog-1006,cat-catalog-1005")
+    ap.add_argument("--seed", type=int, default=0, help="world seed")
+    a = ap.parse_args()
+    if a.entry:
+        print(candidate_catalog(a.catalog, a.entry, [c for c in a.candidates.split(",") if c], a.out, a.seed))
+    else:
+        for path in ceiling_catalogs(a.catalog, a.out).values():
+            print(path)
