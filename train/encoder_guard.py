@@ -232,6 +232,11 @@ def guard_encoder(vae, protected: list[GuardSample], keep_batches, steps: int = 
         gen.set_state(resume["gen"])
         rng.bit_generator.state = resume["rng"]
         hist, start = copy.deepcopy(resume["hist"]), resume["step"]
+
+    def state(step: int) -> dict:
+        return {"step": step, "vae": vae.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                "gen": gen.get_state(), "rng": rng.bit_generator.state, "hist": hist}
+
     dev = next(vae.parameters()).device   # augmentation runs on the CPU (PIL for JPEG), the encoder wherever it is
     vae.encoder.train()
     for i in tqdm(range(start, total), initial=start, total=total, desc="encoder guard", disable=not progress):
@@ -269,9 +274,10 @@ def guard_encoder(vae, protected: list[GuardSample], keep_batches, steps: int = 
         opt.zero_grad(set_to_none=True)
         hist["protect_loss"].append(loss_p.item())
         hist["keep_loss"].append(loss_k.item())
-        if checkpoint is not None and ((checkpoint_every and (i + 1) % checkpoint_every == 0) or i + 1 == total):
-            checkpoint({"step": i + 1, "vae": vae.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                        "gen": gen.get_state(), "rng": rng.bit_generator.state, "hist": hist})
+        if checkpoint is not None and checkpoint_every and (i + 1) % checkpoint_every == 0 and i + 1 < total:
+            checkpoint(state(i + 1))
+    if checkpoint is not None:
+        checkpoint(state(total))
     vae.eval().requires_grad_(False)
     stats = {k: float(np.mean(v[-50:])) if v else None for k, v in hist.items()}
     stats["latent_gap"] = latent_gap(vae, teacher, protected)
