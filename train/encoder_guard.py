@@ -202,8 +202,8 @@ def guard_encoder(vae, protected: list[GuardSample], keep_batches, steps: int = 
     Every `checkpoint_every` steps, and after the last, `checkpoint(state)` gets everything a killed run
     needs to go on exactly (encoder, optimizer, schedule, random states, losses so far); `resume=state`
     continues from it, the caller positioning `keep_batches` past the `state["step"]` batches already drawn.
-    A finished run's last state resumed with more `sharpen_steps` goes on as if they had been asked first. `vae` must be the
-    unguarded encoder either way: it is also the teacher.
+    A finished run's last state resumed with more `sharpen_steps` goes on as if they had been asked first.
+    `vae` must be the unguarded encoder either way: it is also the teacher.
     """
     from tqdm import tqdm
 
