@@ -30,6 +30,21 @@ def _save(images, folder: Path) -> Path:
     return folder
 
 
+def _transplanted(e, images, backgrounds, subs, sub_backgrounds, catalog: Path):
+    """The guard's exact target for entry `e`'s photos: the substitute moved onto each of them."""
+    moved = encoder_guard.transplant(encoder_guard.subject_masks(images, backgrounds), backgrounds, subs,
+                                     encoder_guard.subject_masks(subs, sub_backgrounds))
+    if moved is None:
+        raise ValueError(f"{catalog}: line {e.line} ({e.id}): an empty subject mask, nothing to transplant")
+    return moved[0]
+
+
+def _judged(entry_id: str, cls: str, images, folder: Path, reference: Path) -> dict:
+    """An unprotected entry of `images` (saved to `folder`) judged against `reference`'s held-out views."""
+    return {"id": entry_id, "class": cls, "protected": False, "objective": None, "target": None,
+            "images": str(_save(images, folder).resolve()), "reference": str(Path(reference).resolve())}
+
+
 def ceiling_catalogs(catalog: Path, out: Path) -> dict[str, Path]:
     targets, variants = [], {"transplant": [], "own": []}
     for e in load_catalog(catalog):
@@ -39,20 +54,15 @@ def ceiling_catalogs(catalog: Path, out: Path) -> dict[str, Path]:
         if e.backgrounds is None or target.images is None or target.backgrounds is None or not e.target.get("reference"):
             raise ValueError(f"{catalog}: line {e.line} ({e.id}): a transplant needs the entry's backgrounds and the "
                              "substitute's images, backgrounds and reference")
-        images, backgrounds = load_images(e.images, 64), load_images(e.backgrounds, 64)
-        moved = encoder_guard.transplant(encoder_guard.subject_masks(images, backgrounds), backgrounds,
-                                         target.images, encoder_guard.subject_masks(target.images, target.backgrounds))
-        if moved is None:
-            raise ValueError(f"{catalog}: line {e.line} ({e.id}): an empty subject mask, nothing to transplant")
+        moved = _transplanted(e, load_images(e.images, 64), load_images(e.backgrounds, 64), target.images,
+                              target.backgrounds, catalog)
         row = e.to_json()   # absolute paths: the copy lives in OUT
         row.update({k: str(Path(getattr(e, k)).resolve()) for k in ("images", "reference", "backgrounds") if getattr(e, k)})
         row["target"] = {k: str((e.catalog_dir / v).resolve()) for k, v in e.target.items()}
         targets.append(row)
-        reference = (e.catalog_dir / e.target["reference"]).resolve()
-        for name, imgs in (("transplant", moved[0]), ("own", target.images)):
-            variants[name].append({"id": f"{e.id}-{name}", "class": e.cls, "protected": False, "objective": None,
-                                   "target": None, "images": str(_save(imgs, out / f"{e.id}-{name}").resolve()),
-                                   "reference": str(reference)})
+        for name, imgs in (("transplant", moved), ("own", target.images)):
+            variants[name].append(_judged(f"{e.id}-{name}", e.cls, imgs, out / f"{e.id}-{name}",
+                                          e.catalog_dir / e.target["reference"]))
     if not targets:
         raise ValueError(f"{catalog}: no target entry")
     paths = {name: out / f"{name}.jsonl" for name in ("targets", *variants)}
@@ -73,19 +83,15 @@ def candidate_catalog(catalog: Path, entry_id: str, candidates: list[str], out: 
     e = next((e for e in load_catalog(catalog) if e.id == entry_id), None)
     if e is None or e.backgrounds is None:
         raise ValueError(f"{catalog}: no entry {entry_id!r} with backgrounds")
-    images, backgrounds = load_images(e.images, 64), load_images(e.backgrounds, 64)
-    masks, rows = encoder_guard.subject_masks(images, backgrounds), []
+    images, backgrounds, rows = load_images(e.images, 64), load_images(e.backgrounds, 64), []
     for cand in candidates:
         cls, split, index = cand.rsplit("-", 2)
         sub = world.generate(out / "world", split=split, per_class=1, classes=(cls,), seed=seed, start=int(index),
                              progress=False)[0]
-        subs, sub_bgs = load_images(out / "world" / sub["images"], 64), load_images(out / "world" / sub["backgrounds"], 64)
-        moved = encoder_guard.transplant(masks, backgrounds, subs, encoder_guard.subject_masks(subs, sub_bgs))
-        if moved is None:
-            raise ValueError(f"{catalog}: line {e.line} ({e.id}): an empty subject mask, nothing to transplant")
-        rows.append({"id": f"{e.id}-as-{cand}", "class": e.cls, "protected": False, "objective": None, "target": None,
-                     "images": str(_save(moved[0], out / f"{e.id}-as-{cand}").resolve()),
-                     "reference": str((out / "world" / sub["reference"]).resolve())})
+        moved = _transplanted(e, images, backgrounds, load_images(out / "world" / sub["images"], 64),
+                              load_images(out / "world" / sub["backgrounds"], 64), catalog)
+        rows.append(_judged(f"{e.id}-as-{cand}", e.cls, moved, out / f"{e.id}-as-{cand}",
+                            out / "world" / sub["reference"]))
     path = out / "candidates.jsonl"
     write_catalog(rows, path)
     return path
