@@ -131,15 +131,48 @@ def test_ceiling_catalogs_hold_the_guards_transplant_and_the_substitutes_own_pho
                                      encoder_guard.subject_masks(sub.images, sub.backgrounds))[0]
     torch.testing.assert_close(load_images(moved_entry.images, 64), moved, atol=1 / 255, rtol=0)
     assert torch.equal(load_images(own_entry.images, 64), sub.images)
-    # candidates of any class moved onto one entry, judged against each candidate's own held-out views
-    from tools.exp_substitute_ceiling import candidate_catalog
 
-    path = candidate_catalog(out / "catalog.jsonl", target.id, ["vase-catalog-1006", "person-catalog-1001"],
-                             tmp_path / "cands")
-    vase, person = load_catalog(path)
-    assert (vase.id, vase.cls, vase.protected) == (f"{target.id}-as-vase-catalog-1006", "person", False)
-    assert vase.reference_dir == (tmp_path / "cands" / "world" / "vase-catalog-1006" / "reference").resolve()
-    assert person.reference_dir.parent.name == "person-catalog-1001" and len(load_images(vase.images, 64)) == 3
-    assert not torch.equal(load_images(vase.images, 64), load_images(person.images, 64))
-    with pytest.raises(ValueError, match="no entry 'nobody' with backgrounds"):
-        candidate_catalog(out / "catalog.jsonl", "nobody", ["vase-catalog-1006"], tmp_path / "cands")
+
+def test_substitutes_for_a_catalog_screen_each_target_entry_on_its_own_photos_and_assign_the_best(tmp_path, capsys):
+    import torch
+
+    from tools.substitutes import candidate_rows
+    from train.catalog import load_catalog, load_images
+
+    out = tmp_path / "w"
+    main(["world", "--out", str(out), "--classes", "person=3", "--protect", "3", "--images", "3", "--reference", "2"])
+    entries = load_catalog(out / "catalog.jsonl")
+    (target,) = [e for e in entries if e.objective == "target"]
+    # candidates of any class moved onto the entry's photos, judged against each candidate's held-out views
+    vase, person = candidate_rows(out / "catalog.jsonl", target, ["vase-catalog-1006", "person-catalog-1001"],
+                                  tmp_path / "cands")
+    assert (vase["id"], vase["class"], vase["protected"]) == (f"{target.id}-as-vase-catalog-1006", "person", False)
+    assert vase["reference"] == str((tmp_path / "cands" / "world" / "vase-catalog-1006" / "reference").resolve())
+    assert len(load_images(vase["images"], 64)) == 3
+    assert not torch.equal(load_images(vase["images"], 64), load_images(person["images"], 64))
+    with pytest.raises(ValueError, match="'dog-catalog-1': expected <class>-catalog-<index>"):
+        candidate_rows(out / "catalog.jsonl", target, ["dog-catalog-1"], tmp_path / "cands")
+
+    screen = tmp_path / "screen"
+    assert main(["substitutes", "--catalog", str(out / "catalog.jsonl"), "--candidates",
+                 "vase-catalog-1006,person-catalog-1001", "--suite", "smoke-curve", "--samples", "2",
+                 "--out", str(screen)]) == 0
+    result = json.loads((screen / "substitutes.json").read_text())
+    ranked = result["per_entry"][target.id]
+    assert [c["id"] for c in ranked] in (["vase-catalog-1006", "person-catalog-1001"],
+                                         ["person-catalog-1001", "vase-catalog-1006"])
+    assert (ranked[0]["identity_match_min"], ranked[0]["margin"]) >= (ranked[1]["identity_match_min"], ranked[1]["margin"])
+    assigned = load_catalog(screen / "catalog.jsonl")   # read from another folder: every path still resolves
+    assert [e.id for e in assigned] == [e.id for e in entries]
+    for old, new in zip(entries, assigned):
+        assert torch.equal(load_images(old.images, 64), load_images(new.images, 64))
+        if old.objective != "target":
+            assert (new.objective, new.protected) == (old.objective, old.protected)
+    (new_target,) = [e for e in assigned if e.objective == "target"]
+    assert new_target.target["images"] == str((screen / "world" / ranked[0]["id"] / "images").resolve())
+    assert f"| {target.id} | {ranked[0]['id']} |" in (screen / "substitutes.md").read_text()
+    assert main(["substitutes", "--catalog", str(out / "catalog.jsonl"), "--candidates", "vase-catalog-1006",
+                 "--entries", f"{target.id},nobody", "--out", str(tmp_path / "x")]) == 2
+    assert "catalog.jsonl: no target entry nobody" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--candidates and --entries go with --catalog"):
+        main(["substitutes", "--candidates", "vase-catalog-1006", "--out", str(tmp_path / "x")])

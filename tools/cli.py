@@ -179,8 +179,18 @@ def _pairs(items: list[str], flag: str) -> dict[str, str]:
 
 def cmd_substitutes(a):
     from tools.demo import SUBSTITUTE_START
-    from tools.substitutes import screen
+    from tools.substitutes import assign, screen
 
+    if a.catalog:
+        candidates = [c for c in a.candidates.split(",") if c]
+        assign(Path(a.catalog), candidates, Path(a.out), model=a.model, seed=a.seed, n_samples=a.samples,
+               suite=a.suite, workers=a.workers, draws=a.draws,
+               only=[e for e in a.entries.split(",") if e] or None)
+        print((Path(a.out) / "substitutes.md").read_text())
+        print(f"catalog with each target entry's best substitute: {Path(a.out) / 'catalog.jsonl'}")
+        return
+    if a.candidates or a.entries:
+        raise SystemExit("substitutes: --candidates and --entries go with --catalog (they are screened on its target entries)")
     screen(a.model, _counts(a.classes, a.per_class), Path(a.out), start=SUBSTITUTE_START if a.start is None else a.start,
            seed=a.seed, n_samples=a.samples, suite=a.suite, workers=a.workers, draws=a.draws)
     print((Path(a.out) / "substitutes.md").read_text())
@@ -401,6 +411,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", default="tiny-sd", help="the original model")
     s.add_argument("--classes", default="person,cat,vase", help="classes, each optionally with its count: cat=7")
     s.add_argument("--per-class", type=int, default=6, help="candidates per class without a count")
+    s.add_argument("--catalog", default=None, help="instead: screen --candidates on EACH target entry of this "
+                   "catalog (moved onto its own photos, as the guard does) and write OUT/catalog.jsonl with "
+                   "every target entry's best one")
+    s.add_argument("--candidates", default="", help="with --catalog: comma-separated world ids of any class, "
+                   "e.g. vase-catalog-1006,cat-catalog-1005,person-catalog-1002")
+    s.add_argument("--entries", default="", help="with --catalog: screen only these target entries (comma-"
+                   "separated ids), the others keep their substitutes")
     s.add_argument("--start", type=int, default=None, help="first candidate index (default: the substitute range)")
     s.add_argument("--suite", default="curve-short", help="attack suite judged along its lengths")
     s.add_argument("--samples", type=int, default=32, help="samples per attack")
