@@ -207,6 +207,9 @@ def guard_encoder(vae, protected: list[GuardSample], keep_batches, steps: int = 
     """
     from tqdm import tqdm
 
+    # channels-last convolutions: ~20% off a guard step on CPU (README, session 14); the weights go back
+    # to the default layout at the end (safetensors saves contiguous tensors only)
+    vae.to(memory_format=torch.channels_last)
     teacher = copy.deepcopy(vae).eval().requires_grad_(False)
     vae.requires_grad_(False)
     params = list(vae.encoder.parameters()) + (list(vae.quant_conv.parameters()) if vae.quant_conv is not None else [])
@@ -278,7 +281,8 @@ def guard_encoder(vae, protected: list[GuardSample], keep_batches, steps: int = 
             checkpoint(state(i + 1))
     if checkpoint is not None:
         checkpoint(state(total))
-    vae.eval().requires_grad_(False)
+    vae.eval().requires_grad_(False).to(memory_format=torch.contiguous_format)
+    teacher.to(memory_format=torch.contiguous_format)
     stats = {k: float(np.mean(v[-50:])) if v else None for k, v in hist.items()}
     stats["latent_gap"] = latent_gap(vae, teacher, protected)
     return stats
