@@ -171,6 +171,7 @@ def test_substitutes_for_a_catalog_screen_each_target_entry_on_its_own_photos_an
     (new_target,) = [e for e in assigned if e.objective == "target"]
     assert new_target.target["images"] == str((screen / "world" / ranked[0]["id"] / "images").resolve())
     assert f"| {target.id} | {ranked[0]['id']} |" in (screen / "substitutes.md").read_text()
+    assert result["weak"] == ([target.id] if ranked[0]["identity_match_min"] < 0.95 else [])   # 2 samples, 4 steps
     assert main(["substitutes", "--catalog", str(out / "catalog.jsonl"), "--candidates", "vase-catalog-1006",
                  "--entries", f"{target.id},nobody", "--out", str(tmp_path / "x")]) == 2
     assert "catalog.jsonl: no target entry nobody" in capsys.readouterr().err

@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 
 SCREEN_SUITE = "curve-short"   # the default attack judged at 0.5x, 1x and 2x
+WEAK_BELOW = 0.95   # the PersGuard issue's BSR bar at 1x: a substitute learned less often cannot meet it
 
 
 def rank(*reports: dict) -> dict[str, list[dict]]:
@@ -212,8 +213,13 @@ def assign(catalog: Path, candidates: list[str], out: Path, model: str = "tiny-s
             row["target"] = {k: str((out / "world" / sub[k]).resolve()) for k in ("images", "backgrounds", "reference")}
         assigned.append(row)
     write_catalog(assigned, out / "catalog.jsonl")
+    weak = sorted(e for e, cands in per_entry.items() if cands[0]["identity_match_min"] < WEAK_BELOW)
     result = {"model": str(model), "suite": suite, "seed": seed, "draws": draws, "catalog": str(catalog),
-              "per_entry": per_entry}
+              "per_entry": per_entry, "weak": weak}
     (out / "substitutes.json").write_text(json.dumps(result, indent=1))
-    (out / "substitutes.md").write_text(render_markdown(per_entry, str(model), suite, draws, row_label="entry"))
+    md = render_markdown(per_entry, str(model), suite, draws, row_label="entry")
+    if weak:
+        md += (f"\nNo candidate reached {WEAK_BELOW} for {', '.join(weak)}: screen more candidates, or protect "
+               "these entries with the pattern or erasure objective, which do not depend on a substitute.\n")
+    (out / "substitutes.md").write_text(md)
     return result
