@@ -96,6 +96,9 @@ class LocalEngine:
     def barrier(self) -> None:
         pass
 
+    def close(self) -> None:
+        pass
+
     def all_mean(self, values: dict[str, float]) -> dict[str, float]:
         return values
 
@@ -218,6 +221,12 @@ class DeepSpeedEngine:
 
     def barrier(self) -> None:
         torch.distributed.barrier()
+
+    def close(self) -> None:
+        """Leave the process group: a rank that exits with gloo's threads still running can abort at
+        interpreter shutdown ("terminate called without an active exception", seen once under load)."""
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
     def all_mean(self, values: dict[str, float]) -> dict[str, float]:
         """Means over ranks, in one collective (every rank must pass the same keys)."""

@@ -674,6 +674,7 @@ def protect(cfg: ProtectConfig, progress: bool = True) -> dict:
             for o, x in (v.items() if isinstance(v, dict) else [("", v)])}
     tracker.finish({"seconds": metrics["seconds"], **probe, **flat})
     p.engine.barrier()   # no rank leaves before rank 0 is done (a launcher stops a job when one task ends)
+    p.engine.close()
     if p.rank != 0:
         return {}
     return {"protected": str(folder), **metrics}
