@@ -177,7 +177,8 @@ def assign(catalog: Path, candidates: list[str], out: Path, model: str = "tiny-s
     evaluation found weak) on that entry's own photos (candidate_rows) and write OUT/catalog.jsonl: the
     catalog with each screened entry's substitute its best-ranked candidate (other entries as they were;
     absolute paths), OUT/substitutes.json (`{"model", "suite", "seed",
-    "draws", "catalog", "per_entry": {entry: [ranked candidates]}}`) and OUT/substitutes.md."""
+    "draws", "catalog", "per_entry": {entry: [ranked candidates]}, "weak": [entries whose best candidate
+    stays below WEAK_BELOW]}`) and OUT/substitutes.md."""
     from tools.evaluate import evaluate
     from train.catalog import load_catalog, write_catalog
 
@@ -201,7 +202,7 @@ def assign(catalog: Path, candidates: list[str], out: Path, model: str = "tiny-s
     reports = [evaluate(model, out / ("screen" if k == 0 else f"screen-{k}"), catalog=out / "candidates.jsonl",
                         suite=suite, n_samples=n_samples, seed=seed + k, workers=workers) for k in range(draws)]
     per_entry: dict[str, list[dict]] = {e.id: [] for e in targets}
-    for cands in rank(*reports).values():   # one class (the entries'), best first: regrouped per entry in order
+    for cands in rank(*reports).values():   # per class, best first; an entry's rows all share its class
         for c in cands:
             entry, cand = pair[c["id"]]
             per_entry[entry].append({**c, "id": cand})
