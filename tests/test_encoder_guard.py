@@ -91,6 +91,7 @@ def test_guard_moves_only_the_encoder_and_learns_the_mapping(world_catalog, step
             assert torch.equal(v, after[k]), k
     assert any(not torch.equal(v, after[k]) for k, v in before.items() if k.startswith("encoder."))
     assert stats["protect_loss"] > 0 and stats["keep_loss"] >= 0
+    assert all(v.is_contiguous() for v in after.values())   # trained channels-last, released in the default layout
     teacher = load_pipeline("tiny-sd").vae
     with torch.no_grad():
         got, own, want = (v.encode(x * 2 - 1).latent_dist.mean for v, x in ((vae, images), (teacher, images), (teacher, pattern)))

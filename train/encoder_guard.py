@@ -282,7 +282,6 @@ def guard_encoder(vae, protected: list[GuardSample], keep_batches, steps: int = 
     if checkpoint is not None:
         checkpoint(state(total))
     vae.eval().requires_grad_(False).to(memory_format=torch.contiguous_format)
-    teacher.to(memory_format=torch.contiguous_format)
     stats = {k: float(np.mean(v[-50:])) if v else None for k, v in hist.items()}
     stats["latent_gap"] = latent_gap(vae, teacher, protected)
     return stats
