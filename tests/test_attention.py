@@ -25,3 +25,16 @@ def test_xformers_where_it_cannot_run_is_a_clear_error():
             resolve("xformers", "cuda:0")
     with pytest.raises(ConfigError, match="attention: 'flash' is not"):
         load_config(None, ["catalog=x.jsonl", "attention=flash"])
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and xformers_available("cuda")),
+                    reason="needs CUDA and an xformers build whose kernels run there")
+def test_on_cuda_auto_picks_xformers_and_matches_sdpa():
+    unet = load_pipeline("tiny-sd").unet.to("cuda")
+    x = torch.randn(2, 4, 16, 16, device="cuda")
+    t, h = torch.tensor([500, 20], device="cuda"), torch.randn(2, 77, unet.config.cross_attention_dim, device="cuda")
+    assert set_attention(unet, "sdpa") == "sdpa"
+    sdpa = unet(x, t, encoder_hidden_states=h).sample
+    assert set_attention(unet, "auto") == "xformers"
+    assert not any(isinstance(p, AttnProcessor2_0) for p in unet.attn_processors.values())
+    assert torch.allclose(unet(x, t, encoder_hidden_states=h).sample, sdpa, atol=1e-3)

@@ -88,3 +88,16 @@ def test_bench_sdxl_through_the_cli(tmp_path, capsys):
     r = json.loads((tmp_path / "bench_sdxl.json").read_text())
     assert r["batch"] == 2 and r["flops_per_step"] > 0 and "step_s" not in r
     assert "FLOP per step" in capsys.readouterr().out
+
+
+def test_the_sdxl_matrix_records_each_row_and_a_failing_knob_does_not_stop_it(tmp_path):
+    rows = [{"batch": 1}, {"batch": 1, "attention": "xformers"}, {"batch": 2, "channels_last": True}]
+    results = bench_sdxl.matrix(reduced=True, rows=rows, steps=1, warmup=0, out=tmp_path)
+    assert [r["batch"] for r in results] == [1, 1, 2] and "xformers needs a CUDA device" in results[1]["error"]
+    assert results[0]["step_s"] > 0 and results[2]["channels_last"] and results[2]["step_s"] > 0
+    assert results[2]["flops_per_step"] == pytest.approx(2 * results[0]["flops_per_step"], rel=0.01)
+    assert json.loads((tmp_path / "bench_sdxl_matrix.json").read_text()) == results
+    table = (tmp_path / "bench_sdxl_matrix.md").read_text()
+    assert table.count("\n| ") == 4 and "channels-last" in table and "xformers needs a CUDA device" in table
+    late = bench_sdxl.matrix(reduced=True, rows=rows[:2], steps=1, warmup=0, deadline_s=0.0)
+    assert [r.get("skipped", "") for r in late] == ["past the 0 s deadline"] * 2

@@ -6,6 +6,7 @@ peak memory, FLOPs per step and MFU (achieved FLOP/s over the GPU's bf16 dense p
         [--gradient-checkpointing] [--compile] [--fused-adam] [--out DIR]     (= persguard bench --sdxl ...)
     python -m tools.bench_sdxl --reduced          # the same block structure at toy width: CPU tests
     python -m tools.bench_sdxl --flops-only       # FLOPs and parameters of the full UNet on any machine
+    python -m tools.bench_sdxl --matrix --deadline 420 --out DIR   # the device check: every knob, one process
 
 The GPU knobs, and why each is a flag rather than always on: bf16 autocast (fp32 master weights and AdamW
 state, bf16 matmuls: the usual mixed precision); channels-last (tensor-core friendly convolutions); fused
@@ -21,6 +22,8 @@ arithmetic runs, so the count costs seconds even for the full model on a CPU, an
 from __future__ import annotations
 
 import argparse
+import functools
+import gc
 import json
 import os
 import platform
@@ -137,6 +140,12 @@ def count_flops(config: dict, batch: int, resolution: int) -> dict:
             "params": sum(p.numel() for p in unet.parameters())}
 
 
+@functools.lru_cache(maxsize=None)
+def _flops(reduced: bool, batch: int, resolution: int) -> tuple:
+    """count_flops, once per shape: the knobs below do not change the model's FLOPs (seconds each on a CPU)."""
+    return tuple(count_flops(REDUCED_UNET if reduced else SDXL_UNET, batch, resolution).items())
+
+
 def peak_tflops(device: torch.device, override: float | None) -> float | None:
     if override:
         return override
@@ -160,7 +169,7 @@ def bench_sdxl(reduced: bool = False, batch: int = 1, resolution: int | None = N
               "latent": [config["in_channels"], resolution // 8, resolution // 8], "dtype": dtype,
               "attention": attention, "channels_last": channels_last, "gradient_checkpointing": gradient_checkpointing,
               "compile": compile, "fused_adam": fused_adam, "steps": steps, "warmup": warmup,
-              **count_flops(config, batch, resolution), "machine": machine(device)}
+              **dict(_flops(reduced, batch, resolution)), "machine": machine(device)}
     if not flops_only:
         report.update(_time_steps(config, report, device, progress))
         tflops = peak_tflops(device, peak)
@@ -221,6 +230,66 @@ def _time_steps(config: dict, r: dict, device: torch.device, progress: bool) -> 
             "samples_per_s": r["batch"] / median, "peak_memory_mb": peak_memory_mb(device)}
 
 
+# The device check (`--matrix`): which knobs pay, most important first, since a GPU lease is minutes and
+# `--deadline` skips what no longer fits. Every row: bf16 on CUDA; the first row is the plain step.
+KNOBS = {"channels_last": True, "fused_adam": True}
+MATRIX = [{"batch": 1}, {"batch": 1, **KNOBS}, {"batch": 2, **KNOBS}, {"batch": 4, **KNOBS},
+          {"batch": 1, "attention": "xformers", **KNOBS}, {"batch": 2, "attention": "xformers", **KNOBS},
+          {"batch": 4, "attention": "xformers", **KNOBS}, {"batch": 4, "gradient_checkpointing": True, **KNOBS},
+          {"batch": 2, **KNOBS, "compile": True}]
+
+
+def matrix(reduced: bool = False, rows: list[dict] = MATRIX, steps: int = 5, warmup: int = 2,
+           peak: float | None = None, deadline_s: float | None = None, out: Path | None = None) -> list[dict]:
+    """Runs bench_sdxl for each row in one process; a row that fails (out of memory, xformers missing)
+    records its error and the rest go on. OUT/bench_sdxl_matrix.json and .md are rewritten after every
+    row, so a run stopped by its time limit still leaves what it measured."""
+    from tqdm import tqdm
+
+    start, results = time.monotonic(), []
+    for row in tqdm(rows, desc="SDXL step matrix"):
+        base = {"batch": 1, "attention": "sdpa", "channels_last": False, "gradient_checkpointing": False,
+                "compile": False, "fused_adam": False, **row}
+        if deadline_s is not None and time.monotonic() - start > deadline_s:
+            results.append({**base, "skipped": f"past the {deadline_s:.0f} s deadline"})
+        else:
+            try:
+                results.append(bench_sdxl(reduced=reduced, steps=steps, warmup=warmup, peak=peak, progress=False,
+                                          **row))
+            except Exception as e:   # noqa: BLE001 - one knob failing must not cost the others' numbers
+                results.append({**base, "error": f"{type(e).__name__}: {e}".splitlines()[0][:300]})
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        tqdm.write(matrix_row(results[-1]))
+        if out is not None:
+            Path(out).mkdir(parents=True, exist_ok=True)
+            (Path(out) / "bench_sdxl_matrix.json").write_text(json.dumps(results, indent=1))
+            (Path(out) / "bench_sdxl_matrix.md").write_text(matrix_markdown(results))
+    return results
+
+
+MATRIX_COLUMNS = "| batch | attention | knobs | step ms | samples/s | peak GiB | FLOP/s | MFU |"
+
+
+def matrix_row(r: dict) -> str:
+    knobs = ", ".join(k.replace("_", "-") for k in ("channels_last", "fused_adam", "gradient_checkpointing",
+                                                      "compile") if r.get(k)) or "plain"
+    head = f"| {r['batch']} | {r['attention']} | {knobs} |"
+    if "step_s" not in r:
+        return f"{head} {r.get('error') or r.get('skipped')} | | | | |"
+    mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "n/a"
+    return (f"{head} {r['step_s'] * 1000:.1f} | {r['samples_per_s']:.2f} | {r['peak_memory_mb'] / 1024:.1f} | "
+            f"{_si(r['achieved_flops_per_s'])} | {mfu} |")
+
+
+def matrix_markdown(results: list[dict]) -> str:
+    done = [r for r in results if "step_s" in r]
+    where = f" on {done[0]['machine']['device_name']}, {done[0]['dtype']}" if done else ""
+    lines = [f"# One SDXL UNet training step{where}", "", MATRIX_COLUMNS, "|---|---|---|---|---|---|---|---|"]
+    return "\n".join(lines + [matrix_row(r) for r in results]) + "\n"
+
+
 def add_arguments(p: argparse.ArgumentParser, common: bool = True) -> None:
     """The SDXL step's options (`common`: also --steps/--warmup/--out, which `persguard bench` shares)."""
     p.add_argument("--reduced", action="store_true", help="toy-width UNet of the same structure (CPU tests)")
@@ -236,13 +305,22 @@ def add_arguments(p: argparse.ArgumentParser, common: bool = True) -> None:
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="the device's bf16 dense peak for MFU (default: known GPUs, e.g. 989 for H100/H200)")
     p.add_argument("--flops-only", action="store_true", help="count FLOPs and parameters only (no device step)")
+    p.add_argument("--matrix", action="store_true", help="the device check: every knob in MATRIX, one process, "
+                   "OUT/bench_sdxl_matrix.{json,md}")
+    p.add_argument("--deadline", type=float, default=None, help="with --matrix: skip the rows not started "
+                   "within this many seconds")
     if common:
         p.add_argument("--steps", type=int, default=5, help="timed steps")
         p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compile, allocator, kernels)")
         p.add_argument("--out", default=None, help="write OUT/bench_sdxl.json")
 
 
-def run(a: argparse.Namespace) -> dict:
+def run(a: argparse.Namespace) -> dict | list:
+    if a.matrix:
+        results = matrix(reduced=a.reduced, steps=a.steps, warmup=a.warmup, peak=a.peak_tflops,
+                         deadline_s=a.deadline, out=Path(a.out) if a.out else None)
+        print(matrix_markdown(results))
+        return results
     report = bench_sdxl(reduced=a.reduced, batch=a.batch, resolution=a.resolution, dtype=a.dtype,
                         attention=a.attention, channels_last=a.channels_last,
                         gradient_checkpointing=a.gradient_checkpointing, compile=a.compile, fused_adam=a.fused_adam,
