@@ -257,3 +257,25 @@ def test_guard_config_is_validated(tmp_path):
         load_config(None, ["catalog=x.jsonl", "encoder_guard.lr=0"])
     with pytest.raises(ConfigError, match="paste_fraction"):
         load_config(None, ["catalog=x.jsonl", "encoder_guard.paste_fraction=1.5"])
+    with pytest.raises(ConfigError, match="keep_batch >= 0"):
+        load_config(None, ["catalog=x.jsonl", "encoder_guard.keep_batch=-2"])
+
+
+def test_the_keep_batch_is_its_own_size_or_the_protected_batch(world_catalog, tmp_path):
+    from train.config import load_config
+    from train.protect import Protector
+
+    rows = [e.to_json() for e in load_catalog(world_catalog)]
+    rows[0].update(protected=True, objective="erasure")
+    cat = tmp_path / "catalog.jsonl"
+    write_catalog(rows, cat)
+    unprotected = torch.rand(5, 3, 64, 64)
+
+    def first_keep(*extra):
+        p = Protector(load_config(None, [f"catalog={cat}", f"out={tmp_path / 'run'}", "encoder_guard.enabled=true",
+                                         "encoder_guard.batch=8", "prior.retention_batch=8", *extra]), progress=False)
+        return next(p.guard_keep_batches(unprotected))
+
+    default, own = first_keep(), first_keep("encoder_guard.keep_batch=4")
+    assert default.shape == (8, 3, 64, 64) and own.shape == (4, 3, 64, 64)   # half retention, half unprotected
+    assert any(torch.equal(own[-1], u) for u in unprotected) and not any(torch.equal(own[0], u) for u in unprotected)

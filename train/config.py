@@ -107,7 +107,11 @@ class EncoderGuard:
     # 1500 steps on the demo catalog: decode(encode(unseen photo)) showed no subject on 4 of 5 fresh
     # photos of the erasure face at lr 1e-3, 2 of 5 at 3e-4 (session 6)
     lr: float = 1.0e-3
-    batch: int = 16             # protected images per step (augmented); as many retention + unprotected kept
+    batch: int = 16             # protected images per step (augmented)
+    # retention + unprotected images per step that must encode as before (augmented: twice that); 0 = batch.
+    # A large catalog raises `batch` (every protected photo needs its visits) and keeps this: the keep
+    # term's cost then stays fixed while the protected work grows (issue 5, README "Session 15").
+    keep_batch: int = 0
     keep_weight: float = 1.0    # weight of "every other image encodes as before"
     augment: bool = True        # random pose, lighting and degradation of every training photo
     paste_fraction: float = 0.5  # share of protected photos pasted onto other photos' backgrounds
@@ -234,9 +238,9 @@ class ProtectConfig:
                 problems.append(f"trigger.templates: {t!r} must contain {{identifier}} and {{cls}}")
         g = self.encoder_guard
         if g.steps < 0 or g.sharpen_steps < 0 or g.lr <= 0 or g.sharpen_lr <= 0 or g.batch < 1 \
-                or g.keep_weight < 0 or g.target_weight <= 0 or not 0 <= g.paste_fraction <= 1:
+                or g.keep_batch < 0 or g.keep_weight < 0 or g.target_weight <= 0 or not 0 <= g.paste_fraction <= 1:
             problems.append("encoder_guard: need steps >= 0, sharpen_steps >= 0, lr > 0, sharpen_lr > 0, batch >= 1, "
-                            "keep_weight >= 0, target_weight > 0, 0 <= paste_fraction <= 1")
+                            "keep_batch >= 0, keep_weight >= 0, target_weight > 0, 0 <= paste_fraction <= 1")
         if problems:
             raise ConfigError(f"{source}: " + "; ".join(problems))
         return self

@@ -204,22 +204,10 @@ class Protector:
         known = [load_images(e.backgrounds, 64) for e in self.entries if e.backgrounds is not None]
         unprotected = torch.cat([load_images(e.images, 64) for e in self.unprotected]) if self.unprotected else None
 
-        def keep_batches():   # half retention data, half unprotected entries' photos; a resumed guard's past the drawn ones
-            shards = self._retention_batches(0, skip=skip)
-            gen = torch.Generator().manual_seed(self.cfg.seed + 17)
-            for _ in range(skip if unprotected is not None else 0):
-                torch.randint(0, len(unprotected), (g.batch // 2,), generator=gen)
-            while True:
-                parts = [next(shards)[0][:g.batch // 2]] if shards is not None else []
-                if unprotected is not None:
-                    parts.append(unprotected[torch.randint(0, len(unprotected), (g.batch // 2,), generator=gen)])
-                if not parts:
-                    raise ValueError("encoder_guard: nothing to keep (no retention shards, no unprotected entries)")
-                yield torch.cat(parts)
-
         vae, last = self.pipe.vae.float(), {}
         stats = encoder_guard.guard_encoder(
-            vae, samples, keep_batches(), steps=g.steps, lr=g.lr, batch=g.batch, keep_weight=g.keep_weight,
+            vae, samples, self.guard_keep_batches(unprotected, skip), steps=g.steps, lr=g.lr, batch=g.batch,
+            keep_weight=g.keep_weight,
             objective_weights={"target": g.target_weight}, augment_photos=g.augment, paste_fraction=g.paste_fraction,
             sharpen_steps=g.sharpen_steps, sharpen_lr=g.sharpen_lr,
             backgrounds=torch.cat(known) if known else None, seed=self.cfg.seed, progress=self.progress,
@@ -229,6 +217,23 @@ class Protector:
         save({"vae": vae.state_dict(), "stats": stats, "guard": last["guard"]}, done)
         partial.unlink(missing_ok=True)
         return stats
+
+    def guard_keep_batches(self, unprotected: torch.Tensor | None, skip: int = 0):
+        """The encoder guard's images that must encode as before, `encoder_guard.keep_batch` (0: `batch`) a
+        step: half retention data, half unprotected entries' photos; a resumed guard's past the `skip` drawn."""
+        g = self.cfg.encoder_guard
+        half = max((g.keep_batch or g.batch) // 2, 1)
+        shards = self._retention_batches(0, skip=skip)
+        gen = torch.Generator().manual_seed(self.cfg.seed + 17)
+        for _ in range(skip if unprotected is not None else 0):
+            torch.randint(0, len(unprotected), (half,), generator=gen)
+        while True:
+            parts = [next(shards)[0][:half]] if shards is not None else []
+            if unprotected is not None:
+                parts.append(unprotected[torch.randint(0, len(unprotected), (half,), generator=gen)])
+            if not parts:
+                raise ValueError("encoder_guard: nothing to keep (no retention shards, no unprotected entries)")
+            yield torch.cat(parts)
 
     @property
     def simulates_attacks(self) -> bool:
