@@ -101,3 +101,41 @@ def test_the_sdxl_matrix_records_each_row_and_a_failing_knob_does_not_stop_it(tm
     assert table.count("\n| ") == 4 and "channels-last" in table and "xformers needs a CUDA device" in table
     late = bench_sdxl.matrix(reduced=True, rows=rows[:2], steps=1, warmup=0, deadline_s=0.0)
     assert [r.get("skipped", "") for r in late] == ["past the 0 s deadline"] * 2
+
+
+def _finished_run(folder, protected, unprotected, seconds, guard=None, bsr=1.0, identity=0.0):
+    folder.mkdir(parents=True)
+    config = {"encoder_guard": {"steps": 800, "sharpen_steps": 800, "batch": 16}}
+    (folder / "manifest.json").write_text(json.dumps({"config": config, "entries": {
+        "protected": protected, "unprotected": unprotected}, "metrics": {"seconds": seconds, "encoder_guard": guard}}))
+    (folder / "eval").mkdir()
+    summary = {"protected": {"identity_match": identity, "bsr_by_objective": {"pattern": 1.0, "target": bsr}},
+               "unrelated": {"identity_match": 0.1}, "unprotected": {"fidelity_ratio": 1.0},
+               "clean": {"seed_spread": {"within": True}}}
+    (folder / "eval" / "report.json").write_text(json.dumps({"suite": "demo", "n_samples": 32, "summary": summary,
+                                                             "attacks": [{"entry": "a"}, {"entry": "b"}]}))
+    return folder
+
+
+def test_catalog_cost_to_acceptance_counts_every_job_and_needs_both_sizes_accepted(tmp_path):
+    from tools.bench import time_to_acceptance
+
+    one = _finished_run(tmp_path / "c1", 1, 0, 100.0)
+    # an extended run: this job 300 s, its guard 200 s of them, 900 s of guard steps in all jobs
+    big = _finished_run(tmp_path / "c128", 64, 64, 300.0, guard={"seconds": 900.0, "job_seconds": 200.0})
+    t = time_to_acceptance([one, big])
+    assert t["runs"]["128"]["wall_s"] == 1000.0 and t["runs"]["1"]["wall_s"] == 100.0
+    assert t["catalog_cost_ratio_128_vs_1"] == 10.0
+    weak = _finished_run(tmp_path / "weak", 64, 64, 300.0, bsr=0.94)
+    leaky = _finished_run(tmp_path / "leaky", 64, 64, 300.0, identity=0.3)   # more than unrelated identities' 0.1
+    t = time_to_acceptance([one, weak])
+    assert t["catalog_cost_ratio_128_vs_1"] is None
+    assert t["runs"]["128"]["white_box"]["checks"]["bsr_every_objective"] is False
+    verdict = time_to_acceptance([one, leaky])["runs"]["128"]["white_box"]
+    assert not verdict["met"] and verdict["checks"]["identity_match_at_most_unrelated"] is False
+    (big / "eval" / "report.json").unlink()
+    with pytest.raises(FileNotFoundError, match="c128/eval/report.json: missing"):
+        time_to_acceptance([one, big])
+    (big / "eval" / "report.json").write_text("{oops")
+    with pytest.raises(ValueError, match="c128/eval/report.json: not valid JSON"):
+        time_to_acceptance([big])

@@ -324,6 +324,61 @@ def guard_cost(config, overrides, catalog: Path, out: Path, steps: int, plain_s:
             "whole_guard_s": whole, "attack_steps": attack_steps, "whole_guard_over_one_attack": whole / (attack_steps * plain_s)}
 
 
+def time_to_acceptance(runs: list[Path], evaluation: str = "eval") -> dict:
+    """Catalog cost measured to acceptance, from finished protect runs: per run folder its manifest.json
+    (entries, the job's seconds, the guard's seconds over every job that ran it) and its evaluation
+    RUN/`evaluation`/report.json, judged by tools.evaluate.white_box_verdict. `catalog_cost_ratio_128_vs_1`
+    where runs of 1 and 128 entries both met the acceptance."""
+    from tools.evaluate import white_box_verdict
+
+    rows = {}
+    for run in map(Path, runs):
+        manifest, report = _read_json(run / "manifest.json"), _read_json(run / evaluation / "report.json")
+        metrics, entries = manifest["metrics"], manifest["entries"]
+        guard = metrics.get("encoder_guard") or {}
+        earlier = max((guard.get("seconds") or 0.0) - (guard.get("job_seconds") or 0.0), 0.0)   # jobs before this one
+        n = entries["protected"] + entries["unprotected"]
+        rows[str(n)] = {"run": str(run), "entries": n, "protected": entries["protected"],
+                        "guard_steps": manifest["config"]["encoder_guard"]["steps"]
+                        + manifest["config"]["encoder_guard"]["sharpen_steps"],
+                        "guard_batch": manifest["config"]["encoder_guard"]["batch"],
+                        "wall_s": metrics["seconds"] + earlier, "guard_s": guard.get("seconds"),
+                        "evaluation": str(run / evaluation / "report.json"), "suite": report["suite"],
+                        "n_samples": report["n_samples"], "entries_evaluated": len({a["entry"] for a in report["attacks"]}),
+                        "white_box": white_box_verdict(report["summary"])}
+    met = {n: r for n, r in rows.items() if r["white_box"]["met"]}
+    ratio = met["128"]["wall_s"] / met["1"]["wall_s"] if "1" in met and "128" in met else None
+    return {"runs": rows, "catalog_cost_ratio_128_vs_1": ratio, "basis": "wall time to the white-box acceptance"}
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing (time to acceptance needs a finished protect run and its evaluation)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def acceptance_markdown(t: dict) -> str:
+    from tools.evaluate import _fmt
+
+    lines = ["# Catalog cost to acceptance\n", "| entries | protected | guard steps x batch | wall s | evaluated "
+             "(suite, samples) | BSR by objective | acceptance |", "|---|---|---|---|---|---|---|"]
+    for r in t["runs"].values():
+        v = r["white_box"]
+        bsr = ", ".join(f"{k} {_fmt(x)}" for k, x in v["bsr_by_objective"].items())
+        failed = [k for k, ok in v["checks"].items() if ok is False]
+        verdict = "met" if v["met"] else "NOT met: " + (", ".join(failed) or "BSR not measured")
+        lines.append(f"| {r['entries']} | {r['protected']} | {r['guard_steps']} x {r['guard_batch']} | {r['wall_s']:.0f} | "
+                     f"{r['entries_evaluated']} ({r['suite']}, {r['n_samples']}) | {bsr} | {verdict} |")
+    ratio = t["catalog_cost_ratio_128_vs_1"]
+    lines.append(f"\ncatalog_cost_ratio_128_vs_1 ({t['basis']}): "
+                 + (f"**{ratio:.2f}**" if ratio is not None else "not measured (needs runs of 1 and 128 entries that "
+                    "both met the acceptance)"))
+    return "\n".join(lines) + "\n"
+
+
 def _write(report: dict, out: Path, device: torch.device, load_start) -> None:
     """Completes the derived fields from what is measured so far and writes OUT/bench.json and .md."""
     sizes = report["catalogs"]

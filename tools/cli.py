@@ -263,13 +263,26 @@ def cmd_bench(a):
 
         run(a)
         return
-    from tools.bench import bench, markdown
+    from tools.bench import acceptance_markdown, bench, markdown, time_to_acceptance
 
+    out = Path(a.out or "runs/bench")
+    if a.acceptance:   # no timing: read finished runs, fold the measured ratio into OUT/bench.json if there
+        t = time_to_acceptance([Path(r) for r in a.acceptance], a.evaluation)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "acceptance.json").write_text(json.dumps(t, indent=1))
+        (out / "acceptance.md").write_text(acceptance_markdown(t))
+        if (out / "bench.json").is_file():
+            report = json.loads((out / "bench.json").read_text())
+            report.update(catalog_cost_ratio_128_vs_1=t["catalog_cost_ratio_128_vs_1"], time_to_acceptance=t)
+            (out / "bench.json").write_text(json.dumps(report, indent=1))
+        print(acceptance_markdown(t))
+        print(f"report: {out / 'acceptance.json'}")
+        return
     sizes = [int(n) for n in a.catalog_sizes.split(",") if n.strip()]
-    report = bench(catalog=a.catalog, config=a.config, out=Path(a.out or "runs/bench"), steps=a.steps,
+    report = bench(catalog=a.catalog, config=a.config, out=out, steps=a.steps,
                    warmup=a.warmup, catalog_sizes=sizes, overrides=a.overrides, guard_steps=a.guard_steps)
     print(markdown(report))
-    print(f"report: {Path(a.out or 'runs/bench') / 'bench.json'}")
+    print(f"report: {out / 'bench.json'}")
 
 
 def cmd_demo(a):
@@ -489,6 +502,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default=None, help="writes OUT/bench.json and OUT/bench.md (default runs/bench); "
                    "with --sdxl OUT/bench_sdxl.json")
     s.add_argument("overrides", nargs="*", help="key=value overrides of the config, e.g. batch_protected=2")
+    t = s.add_argument_group("catalog cost to acceptance (no timing: reads finished runs)")
+    t.add_argument("--acceptance", nargs="+", metavar="RUN", default=None,
+                   help="protect run folders (manifest.json + RUN/EVALUATION/report.json), e.g. runs/c1 runs/c128: "
+                        "OUT/acceptance.{json,md}, catalog_cost_ratio_128_vs_1 to the white-box acceptance (also "
+                        "folded into OUT/bench.json where one is there)")
+    t.add_argument("--evaluation", default="eval", help="each run's evaluation folder (persguard evaluate --out)")
     g = s.add_argument_group("SDXL-scale step (--sdxl, tools/bench_sdxl.py; --steps/--warmup/--out as above)")
     g.add_argument("--sdxl", action="store_true", help="time one training step of the real SDXL UNet instead")
     from tools.bench_sdxl import add_arguments

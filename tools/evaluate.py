@@ -240,6 +240,30 @@ def _unrelated(entries, samples, n_attacks) -> float | None:
     return _mean(rates)
 
 
+# SPEC section 5's white-box targets on the embedded world (the PersGuard issue's acceptance)
+WHITE_BOX_BSR, FIDELITY_MIN = 0.95, 0.9
+
+
+def white_box_verdict(summary: dict) -> dict:
+    """Which white-box acceptance checks an evaluation's summary meets: BSR >= 0.95 for every objective,
+    protected identity match <= the unrelated identities', unprotected fidelity >= 0.9 and clean drift within
+    the original's seed spread (both need --baseline). None: not measured; `met` needs every measured
+    check and the BSR one."""
+    prot, unrelated = summary["protected"], (summary.get("unrelated") or {}).get("identity_match")
+    by_objective = prot.get("bsr_by_objective") or {}
+    fidelity = (summary.get("unprotected") or {}).get("fidelity_ratio")
+    spread = (summary.get("clean") or {}).get("seed_spread")
+    bsr = [v for v in by_objective.values() if v is not None]   # None: an objective the records cannot judge
+    checks = {"bsr_every_objective": False if any(v < WHITE_BOX_BSR for v in bsr)
+              else (True if bsr and len(bsr) == len(by_objective) else None),
+              "identity_match_at_most_unrelated": (prot["identity_match"] <= unrelated
+                                                   if None not in (prot.get("identity_match"), unrelated) else None),
+              "unprotected_fidelity": fidelity >= FIDELITY_MIN if fidelity is not None else None,
+              "clean_within_seed_spread": spread["within"] if spread else None}
+    met = checks["bsr_every_objective"] is True and all(v is not False for v in checks.values())
+    return {"checks": checks, "met": met, "bsr_by_objective": by_objective}
+
+
 @torch.no_grad()
 def _clean(pipe, entries, n_samples, seed) -> tuple[dict, dict]:
     """Class-prompt samples of the un-attacked model: per class images, features and accuracy."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -197,7 +198,9 @@ def guard_encoder(vae, protected: list[GuardSample], keep_batches, steps: int = 
     5% of `lr`. Then `sharpen_steps` at a constant `sharpen_lr` fit the photos as they are (no pose,
     lighting or degradation; pasting stays): the augmented phase leaves latents a blur of the target that
     an attacker's UNet learns late, and how close they come decides how soon (README, session 8). Returns
-    the mean losses of the last 50 steps {"protect_loss", "keep_loss"} and `latent_gap` per objective.
+    the mean losses of the last 50 steps {"protect_loss", "keep_loss"}, `latent_gap` per objective and
+    `seconds`, the guard steps' time summed over every job that ran them (restarts, extensions; this job's
+    alone: `job_seconds`).
 
     Every `checkpoint_every` steps, and after the last, `checkpoint(state)` gets everything a killed run
     needs to go on exactly (encoder, optimizer, schedule, random states, losses so far); `resume=state`
@@ -227,7 +230,7 @@ def guard_encoder(vae, protected: list[GuardSample], keep_batches, steps: int = 
     weight = torch.cat([torch.full((len(s.images),), (objective_weights or {}).get(s.objective, 1.0)) for s in protected])
     masks = torch.cat([s.masks if s.masks is not None else torch.full_like(s.images[:, :1], -1.0) for s in protected])
     hist = {"protect_loss": [], "keep_loss": []}
-    start, total = 0, steps + sharpen_steps
+    start, total, before = 0, steps + sharpen_steps, 0.0
     if resume is not None:
         vae.load_state_dict(resume["vae"])
         opt.load_state_dict(resume["opt"])
@@ -235,10 +238,13 @@ def guard_encoder(vae, protected: list[GuardSample], keep_batches, steps: int = 
         gen.set_state(resume["gen"])
         rng.bit_generator.state = resume["rng"]
         hist, start = copy.deepcopy(resume["hist"]), resume["step"]
+        before = resume.get("seconds", 0.0)   # absent from checkpoints written before session 15
+    t0 = time.perf_counter()
 
     def state(step: int) -> dict:
         return {"step": step, "vae": vae.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                "gen": gen.get_state(), "rng": rng.bit_generator.state, "hist": hist}
+                "gen": gen.get_state(), "rng": rng.bit_generator.state, "hist": hist,
+                "seconds": before + time.perf_counter() - t0}
 
     dev = next(vae.parameters()).device   # augmentation runs on the CPU (PIL for JPEG), the encoder wherever it is
     vae.encoder.train()
@@ -283,6 +289,8 @@ def guard_encoder(vae, protected: list[GuardSample], keep_batches, steps: int = 
         checkpoint(state(total))
     vae.eval().requires_grad_(False).to(memory_format=torch.contiguous_format)
     stats = {k: float(np.mean(v[-50:])) if v else None for k, v in hist.items()}
+    stats["job_seconds"] = time.perf_counter() - t0
+    stats["seconds"] = before + stats["job_seconds"]   # every job's guard steps: a time to acceptance
     stats["latent_gap"] = latent_gap(vae, teacher, protected)
     return stats
 

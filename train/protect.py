@@ -188,7 +188,7 @@ class Protector:
         finished = load_matching(done)
         if finished is not None and finished["guard"]["step"] == total:
             self.pipe.vae.load_state_dict(finished["vae"])
-            return finished["stats"]
+            return {**finished["stats"], "job_seconds": 0.0}   # loaded: this job ran none of it
         resume = load_matching(partial) or finished   # a killed extension has both; the partial is further on
         skip = resume["guard"]["step"] if resume is not None else 0
         if resume is not None and self.progress:
