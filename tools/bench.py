@@ -13,7 +13,9 @@ One process, one run, the same model and batch size (the config's `batch_protect
   guard at the config's step counts against one attack of the default length (`guard_cost`);
 - catalogs of N tiny-world entries (`--catalog-sizes`, half of them protected): one-time set-up
   (pipeline, teacher, latent caching; the simulated attackers' catch-up in the first step) and seconds
-  per step, hence wall time and cost per protected entry at the config's step budget.
+  per step, hence wall time and cost per protected entry at the config's step budget;
+- `--acceptance RUN...` (`time_to_acceptance`): no timing, the wall time of finished protect runs whose
+  evaluations met the white-box acceptance, hence the catalog cost measured to acceptance.
 
 Writes OUT/bench.json and OUT/bench.md, again after each catalog size (a long sweep never loses the step
 comparison). On a CPU shared with other jobs run it with OMP_NUM_THREADS=1: threads that wait at barriers
@@ -451,6 +453,6 @@ def markdown(r: dict) -> str:
     measured = f"{ratio:.2f}" if ratio is not None else "not measured (needs sizes 1 and 128)"
     lines.append(f"\ncatalog_cost_ratio_128_vs_1: {measured}. "
                  "Cost is at a FIXED step budget, not time-to-acceptance: a larger catalog needs more guard steps "
-                 "to fit (README: 8 + 8 entries met the acceptance at 2000 + 4000, 16 protected of 256 needed "
-                 "2500 + 9000), which only a protect-and-evaluate run per size shows.")
+                 "to fit, which only a protect-and-evaluate run per size shows: `persguard bench --acceptance RUN...` "
+                 "reads such runs and puts the ratio measured to acceptance here.")
     return "\n".join(lines) + "\n"
