@@ -277,8 +277,9 @@ def test_the_keep_batch_is_its_own_size_or_the_protected_batch(world_catalog, tm
     def first_keep(*extra):
         p = Protector(load_config(None, [f"catalog={cat}", f"out={tmp_path / 'run'}", "encoder_guard.enabled=true",
                                          "encoder_guard.batch=8", "prior.retention_batch=8", *extra]), progress=False)
-        return next(p.guard_keep_batches(unprotected))
+        return next(p.guard_keep_batches(unprotected)), p.fingerprint()["config"]
 
-    default, own = first_keep(), first_keep("encoder_guard.keep_batch=4")
+    (default, stamp), (own, own_stamp) = first_keep(), first_keep("encoder_guard.keep_batch=4")
+    assert stamp != own_stamp   # a checkpoint of the other keep batch is refused
     assert default.shape == (8, 3, 64, 64) and own.shape == (4, 3, 64, 64)   # half retention, half unprotected
     assert any(torch.equal(own[-1], u) for u in unprotected) and not any(torch.equal(own[0], u) for u in unprotected)

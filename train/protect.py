@@ -531,6 +531,8 @@ class Protector:
         for where in ("out", "steps", "logging", "cluster"):   # may change between a run and its resume
             cfg.pop(where)
         cfg["encoder_guard"].pop("sharpen_steps")   # may grow: the guard is extended (implant_encoder_guard)
+        if not cfg["encoder_guard"]["keep_batch"]:   # added in session 15: at its default, runs from before resume
+            cfg["encoder_guard"].pop("keep_batch")
         return {"config": hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16],
                 "catalog": file_hash(Path(self.cfg.catalog)), "world_size": self.world}
 
