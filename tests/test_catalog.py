@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 
@@ -58,3 +59,19 @@ def test_corrupt_image_names_the_file(tmp_path):
 def test_unknown_entry_id(world_catalog):
     with pytest.raises(CatalogError, match="unknown entry id 'ghost'"):
         find_entry(load_catalog(world_catalog), "ghost", world_catalog)
+
+
+def test_an_entry_written_elsewhere_keeps_its_substitute(tmp_path, world_catalog):
+    import shutil
+
+    from train.catalog import write_catalog
+
+    rows = [e.to_json() for e in load_catalog(world_catalog)]
+    shutil.copytree(rows[1]["images"], tmp_path / "sub" / "images")   # a substitute beside the catalog, relative
+    rows[0].update(protected=True, objective="target", target={"images": "sub/images"})
+    write_catalog(rows, tmp_path / "catalog.jsonl")
+    entry = load_catalog(tmp_path / "catalog.jsonl")[0]
+    (tmp_path / "elsewhere").mkdir()
+    write_catalog([entry.to_json()], tmp_path / "elsewhere" / "catalog.jsonl")
+    copy = load_catalog(tmp_path / "elsewhere" / "catalog.jsonl")[0]
+    assert Path(copy.target["images"]).resolve() == (tmp_path / "sub" / "images").resolve()

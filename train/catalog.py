@@ -53,8 +53,10 @@ class Entry:
                     pass
             return str(p)
 
+        target = self.target and {k: rel(self.catalog_dir / v) if k in TARGET_FOLDERS and v else v
+                                  for k, v in self.target.items()}   # a copy elsewhere finds the substitute too
         d = {"id": self.id, "class": self.cls, "images": rel(self.images), "protected": self.protected,
-             "objective": self.objective, "target": self.target}
+             "objective": self.objective, "target": target}
         for k in ("reference", "backgrounds"):
             if getattr(self, k) is not None:
                 d[k] = rel(getattr(self, k))
