@@ -109,7 +109,8 @@ def _finished_run(folder, protected, unprotected, seconds, guard=None, bsr=1.0, 
     (folder / "manifest.json").write_text(json.dumps({"config": config, "entries": {
         "protected": protected, "unprotected": unprotected}, "metrics": {"seconds": seconds, "encoder_guard": guard}}))
     (folder / "eval").mkdir()
-    summary = {"protected": {"identity_match": identity, "bsr_by_objective": {"pattern": 1.0, "target": bsr}},
+    summary = {"protected": {"identity_match": identity,   # no erasure entry judged: None, not a failure
+                             "bsr_by_objective": {"pattern": 1.0, "erasure": None, "target": bsr}},
                "unrelated": {"identity_match": 0.1}, "unprotected": {"fidelity_ratio": 1.0},
                "clean": {"seed_spread": {"within": True}}}
     (folder / "eval" / "report.json").write_text(json.dumps({"suite": "demo", "n_samples": 32, "summary": summary,
@@ -123,15 +124,16 @@ def test_catalog_cost_to_acceptance_counts_every_job_and_needs_both_sizes_accept
     one = _finished_run(tmp_path / "c1", 1, 0, 100.0)
     # an extended run: this job 300 s, its guard 200 s of them, 900 s of guard steps in all jobs
     big = _finished_run(tmp_path / "c128", 64, 64, 300.0, guard={"seconds": 900.0, "job_seconds": 200.0})
-    t = time_to_acceptance([one, big])
-    assert t["runs"]["128"]["wall_s"] == 1000.0 and t["runs"]["1"]["wall_s"] == 100.0
-    assert t["catalog_cost_ratio_128_vs_1"] == 10.0
+    slower = _finished_run(tmp_path / "c1-longer", 1, 0, 400.0)   # a larger step budget, also accepted
+    t = time_to_acceptance([slower, one, big])
+    assert [r["wall_s"] for r in t["runs"]] == [400.0, 100.0, 1000.0]
+    assert t["catalog_cost_ratio_128_vs_1"] == 10.0 and t["fastest_accepted"] == {"1": str(one), "128": str(big)}
     weak = _finished_run(tmp_path / "weak", 64, 64, 300.0, bsr=0.94)
     leaky = _finished_run(tmp_path / "leaky", 64, 64, 300.0, identity=0.3)   # more than unrelated identities' 0.1
     t = time_to_acceptance([one, weak])
     assert t["catalog_cost_ratio_128_vs_1"] is None
-    assert t["runs"]["128"]["white_box"]["checks"]["bsr_every_objective"] is False
-    verdict = time_to_acceptance([one, leaky])["runs"]["128"]["white_box"]
+    assert t["runs"][1]["white_box"]["checks"]["bsr_every_objective"] is False
+    verdict = time_to_acceptance([one, leaky])["runs"][1]["white_box"]
     assert not verdict["met"] and verdict["checks"]["identity_match_at_most_unrelated"] is False
     (big / "eval" / "report.json").unlink()
     with pytest.raises(FileNotFoundError, match="c128/eval/report.json: missing"):

@@ -245,7 +245,7 @@ WHITE_BOX_BSR, FIDELITY_MIN = 0.95, 0.9
 
 
 def white_box_verdict(summary: dict) -> dict:
-    """Which white-box acceptance checks an evaluation's summary meets: BSR >= 0.95 for every objective,
+    """Which white-box acceptance checks an evaluation's summary meets: BSR >= 0.95 for every objective judged,
     protected identity match <= the unrelated identities', unprotected fidelity >= 0.9 and clean drift within
     the original's seed spread (both need --baseline). None: not measured; `met` needs every measured
     check and the BSR one."""
@@ -253,9 +253,8 @@ def white_box_verdict(summary: dict) -> dict:
     by_objective = prot.get("bsr_by_objective") or {}
     fidelity = (summary.get("unprotected") or {}).get("fidelity_ratio")
     spread = (summary.get("clean") or {}).get("seed_spread")
-    bsr = [v for v in by_objective.values() if v is not None]   # None: an objective the records cannot judge
-    checks = {"bsr_every_objective": False if any(v < WHITE_BOX_BSR for v in bsr)
-              else (True if bsr and len(bsr) == len(by_objective) else None),
+    bsr = [v for v in by_objective.values() if v is not None]   # None: no entry of that objective was judged
+    checks = {"bsr_every_objective": min(bsr) >= WHITE_BOX_BSR if bsr else None,
               "identity_match_at_most_unrelated": (prot["identity_match"] <= unrelated
                                                    if None not in (prot.get("identity_match"), unrelated) else None),
               "unprotected_fidelity": fidelity >= FIDELITY_MIN if fidelity is not None else None,
