@@ -1,6 +1,7 @@
 """`persguard bench` and the SDXL-scale step (tools/bench.py, tools/bench_sdxl.py) on CPU: the report's
 contract and what must hold on any machine; the timings themselves are the machine's."""
 import json
+import math
 
 import pytest
 import torch
@@ -119,7 +120,7 @@ def _finished_run(folder, protected, unprotected, seconds, guard=None, bsr=1.0, 
 
 
 def test_catalog_cost_to_acceptance_counts_every_job_and_needs_both_sizes_accepted(tmp_path):
-    from tools.bench import time_to_acceptance
+    from tools.bench import acceptance_markdown, time_to_acceptance
 
     one = _finished_run(tmp_path / "c1", 1, 0, 100.0)
     # an extended run: this job 300 s, its guard 200 s of them, 900 s of guard steps in all jobs
@@ -128,6 +129,12 @@ def test_catalog_cost_to_acceptance_counts_every_job_and_needs_both_sizes_accept
     t = time_to_acceptance([slower, one, big])
     assert [r["wall_s"] for r in t["runs"]] == [400.0, 100.0, 1000.0]
     assert t["catalog_cost_ratio_128_vs_1"] == 10.0 and t["fastest_accepted"] == {"1": str(one), "128": str(big)}
+    assert [(c["entries"], c["over_1_entry"]) for c in t["cost_curve"]] == [(1, 1.0), (128, 10.0)]
+    assert t["scaling_exponent"] == pytest.approx(math.log(10) / math.log(128))
+    mid = _finished_run(tmp_path / "c8", 4, 4, 800.0)   # 8x the entries at 8x the cost: linear between 1 and 8
+    t = time_to_acceptance([one, mid])
+    assert t["scaling_exponent"] == pytest.approx(1.0) and t["catalog_cost_ratio_128_vs_1"] is None
+    assert "| 8 | 4 | 800 | 8.00 |" in acceptance_markdown(t) and "entries^1.00" in acceptance_markdown(t)
     weak = _finished_run(tmp_path / "weak", 64, 64, 300.0, bsr=0.94)
     leaky = _finished_run(tmp_path / "leaky", 64, 64, 300.0, identity=0.3)   # more than unrelated identities' 0.1
     t = time_to_acceptance([one, weak])

@@ -29,6 +29,7 @@ from __future__ import annotations
 import copy
 import gc
 import json
+import math
 import os
 import shutil
 import statistics
@@ -330,7 +331,10 @@ def time_to_acceptance(runs: list[Path], evaluation: str = "eval") -> dict:
     """Catalog cost measured to acceptance, from finished protect runs: per run folder its manifest.json
     (entries, the job's seconds, the guard's seconds over every job that ran it) and its evaluation
     RUN/`evaluation`/report.json, judged by tools.evaluate.white_box_verdict. `catalog_cost_ratio_128_vs_1`
-    between the quickest runs of 1 and of 128 entries that met the acceptance."""
+    between the quickest runs of 1 and of 128 entries that met the acceptance; `cost_curve`, per catalog size
+    with an accepted run, the quickest one's wall time (and over the 1-entry one's); `scaling_exponent`, the
+    least-squares slope of log wall time over log entries through them (1: linear; 32x for 128 entries
+    asks at most log 32 / log 128 = 0.71)."""
     from tools.evaluate import white_box_verdict
 
     rows = []
@@ -353,7 +357,15 @@ def time_to_acceptance(runs: list[Path], evaluation: str = "eval") -> dict:
         if r["white_box"]["met"] and r["wall_s"] < fastest.get(r["entries"], {"wall_s": float("inf")})["wall_s"]:
             fastest[r["entries"]] = r
     ratio = fastest[128]["wall_s"] / fastest[1]["wall_s"] if 1 in fastest and 128 in fastest else None
+    curve = [{"entries": n, "protected": r["protected"], "wall_s": r["wall_s"], "run": r["run"],
+              "over_1_entry": r["wall_s"] / fastest[1]["wall_s"] if 1 in fastest else None}
+             for n, r in sorted(fastest.items())]
+    exponent = None
+    if len(curve) >= 2:
+        exponent = statistics.linear_regression([math.log(c["entries"]) for c in curve],
+                                                [math.log(c["wall_s"]) for c in curve]).slope
     return {"runs": rows, "fastest_accepted": {str(n): r["run"] for n, r in sorted(fastest.items())},
+            "cost_curve": curve, "scaling_exponent": exponent,
             "catalog_cost_ratio_128_vs_1": ratio, "basis": "wall time to the white-box acceptance"}
 
 
@@ -378,6 +390,13 @@ def acceptance_markdown(t: dict) -> str:
         verdict = "met" if v["met"] else "NOT met: " + (", ".join(failed) or "BSR not measured")
         lines.append(f"| {r['entries']} | {r['protected']} | {r['guard_steps']} x {r['guard_batch']} | {r['wall_s']:.0f} | "
                      f"{r['entries_evaluated']} ({r['suite']}, {r['n_samples']}) | {bsr} | {verdict} |")
+    if t["cost_curve"]:
+        lines += ["\nQuickest accepted run per catalog size:\n", "| entries | protected | wall s | over 1 entry |",
+                  "|---|---|---|---|"]
+        lines += [f"| {c['entries']} | {c['protected']} | {c['wall_s']:.0f} | {_fmt(c['over_1_entry'])} |" for c in t["cost_curve"]]
+    if t["scaling_exponent"] is not None:
+        lines.append(f"\nwall time ~ entries^{t['scaling_exponent']:.2f} through them (1 is linear; 128 entries at "
+                     "<= 32x one asks <= 0.71)")
     ratio = t["catalog_cost_ratio_128_vs_1"]
     lines.append(f"\ncatalog_cost_ratio_128_vs_1 ({t['basis']}): "
                  + (f"**{ratio:.2f}**" if ratio is not None else "not measured (needs runs of 1 and 128 entries that "
