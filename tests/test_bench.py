@@ -104,14 +104,14 @@ def test_the_sdxl_matrix_records_each_row_and_a_failing_knob_does_not_stop_it(tm
     assert [r.get("skipped", "") for r in late] == ["past the 0 s deadline"] * 2
 
 
-def _finished_run(folder, protected, unprotected, seconds, guard=None, bsr=1.0, identity=0.0):
+def _finished_run(folder, protected, unprotected, seconds, guard=None, bsr=1.0, identity=0.0, objectives=None):
     folder.mkdir(parents=True)
     config = {"encoder_guard": {"steps": 800, "sharpen_steps": 800, "batch": 16}}
     (folder / "manifest.json").write_text(json.dumps({"config": config, "entries": {
         "protected": protected, "unprotected": unprotected}, "metrics": {"seconds": seconds, "encoder_guard": guard}}))
     (folder / "eval").mkdir()
     summary = {"protected": {"identity_match": identity,   # no erasure entry judged: None, not a failure
-                             "bsr_by_objective": {"pattern": 1.0, "erasure": None, "target": bsr}},
+                             "bsr_by_objective": objectives or {"pattern": 1.0, "erasure": None, "target": bsr}},
                "unrelated": {"identity_match": 0.1}, "unprotected": {"fidelity_ratio": 1.0},
                "clean": {"seed_spread": {"within": True}}}
     (folder / "eval" / "report.json").write_text(json.dumps({"suite": "demo", "n_samples": 32, "summary": summary,
@@ -135,6 +135,14 @@ def test_catalog_cost_to_acceptance_counts_every_job_and_needs_both_sizes_accept
     t = time_to_acceptance([one, mid])
     assert t["scaling_exponent"] == pytest.approx(1.0) and t["catalog_cost_ratio_128_vs_1"] is None
     assert "| 8 | 4 | 800 | 8.00 |" in acceptance_markdown(t) and "entries^1.00" in acceptance_markdown(t)
+    # one entry of each objective: the headline ratio is over the quickest, each objective's is kept beside it
+    pattern = _finished_run(tmp_path / "one-pattern", 1, 0, 50.0, objectives={"pattern": 1.0, "target": None})
+    target = _finished_run(tmp_path / "one-target", 1, 0, 500.0, objectives={"target": 0.97})
+    missed = _finished_run(tmp_path / "one-target-short", 1, 0, 100.0, objectives={"target": 0.5})
+    t = time_to_acceptance([pattern, target, missed, big])
+    assert t["catalog_cost_ratio_128_vs_1"] == 20.0
+    assert {o: v["ratio_128_over_it"] for o, v in t["one_entry_by_objective"].items()} == {"pattern": 20.0, "target": 2.0}
+    assert "target 500 s (128 entries: 2.0x)" in acceptance_markdown(t)
     weak = _finished_run(tmp_path / "weak", 64, 64, 300.0, bsr=0.94)
     leaky = _finished_run(tmp_path / "leaky", 64, 64, 300.0, identity=0.3)   # more than unrelated identities' 0.1
     t = time_to_acceptance([one, weak])
