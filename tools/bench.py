@@ -356,21 +356,15 @@ def time_to_acceptance(runs: list[Path], evaluation: str = "eval") -> dict:
                         "evaluation": str(run / evaluation / "report.json"), "suite": report["suite"],
                         "n_samples": report["n_samples"], "entries_evaluated": len({a["entry"] for a in report["attacks"]}),
                         "white_box": white_box_verdict(report["summary"])})
-    fastest = {}   # per catalog size, the quickest run that met the acceptance (runs at several step budgets)
-    for r in rows:
-        if r["white_box"]["met"] and r["wall_s"] < fastest.get(r["entries"], {"wall_s": float("inf")})["wall_s"]:
-            fastest[r["entries"]] = r
+    fastest = _quickest_accepted(rows, lambda r: r["entries"])   # runs at several step budgets: the quickest
     ratio = fastest[128]["wall_s"] / fastest[1]["wall_s"] if 1 in fastest and 128 in fastest else None
     curve = [{"entries": n, "protected": r["protected"], "wall_s": r["wall_s"], "run": r["run"],
               "over_1_entry": r["wall_s"] / fastest[1]["wall_s"] if 1 in fastest else None}
              for n, r in sorted(fastest.items())]
-    singles = {}
-    for r in rows:
-        if r["entries"] == 1 and r["white_box"]["met"] and len(r["objectives"]) == 1:
-            o = r["objectives"][0]
-            if r["wall_s"] < singles.get(o, {"wall_s": float("inf")})["wall_s"]:
-                singles[o] = {"wall_s": r["wall_s"], "run": r["run"],
-                              "ratio_128_over_it": fastest[128]["wall_s"] / r["wall_s"] if 128 in fastest else None}
+    singles = {o: {"wall_s": r["wall_s"], "run": r["run"],
+                   "ratio_128_over_it": fastest[128]["wall_s"] / r["wall_s"] if 128 in fastest else None}
+               for o, r in _quickest_accepted(rows, lambda r: r["objectives"][0] if r["entries"] == 1
+                                              and len(r["objectives"]) == 1 else None).items()}
     exponent = None
     if len(curve) >= 2:
         exponent = statistics.linear_regression([math.log(c["entries"]) for c in curve],
@@ -378,6 +372,16 @@ def time_to_acceptance(runs: list[Path], evaluation: str = "eval") -> dict:
     return {"runs": rows, "fastest_accepted": {str(n): r["run"] for n, r in sorted(fastest.items())},
             "cost_curve": curve, "scaling_exponent": exponent, "one_entry_by_objective": singles,
             "catalog_cost_ratio_128_vs_1": ratio, "basis": "wall time to the white-box acceptance"}
+
+
+def _quickest_accepted(rows: list[dict], key) -> dict:
+    """Per `key(row)` (None: left out), the quickest row that met the acceptance."""
+    best = {}
+    for r in rows:
+        k = key(r)
+        if k is not None and r["white_box"]["met"] and r["wall_s"] < best.get(k, {"wall_s": float("inf")})["wall_s"]:
+            best[k] = r
+    return best
 
 
 def _read_json(path: Path) -> dict:
