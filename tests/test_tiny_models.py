@@ -73,3 +73,10 @@ def test_save_and_reload_reproduce_samples(name, tmp_path):
 def test_unknown_model_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a diffusers pipeline folder"):
         resolve_model(tmp_path)
+
+
+def test_committed_tokenizer_knows_the_attackers_wording():
+    """The gray-box suite's words are whole tokens (learned from the pre-training captions), as in real CLIP."""
+    tok = CLIPTokenizer.from_pretrained(EMBEDDED["tiny-sd"] / "tokenizer")
+    for word in ("portrait", "close", "picture", "photo", "human", "kitty", "pot"):
+        assert tok.tokenize(word) == [word + "</w>"], word

@@ -43,3 +43,20 @@ def test_unknown_class_is_an_error():
 
     with pytest.raises(ValueError, match="unknown class"):
         world.identity("dragon", "catalog", 0)
+
+
+def test_pretraining_captions_are_varied_and_hold_out_the_gray_box_templates():
+    from tools.evaluate import load_suite
+
+    caps = [world.caption(world.identity(c, "pretrain", i, 0), v) for c in world.CLASSES for i in range(40)
+            for v in range(4)]
+    assert caps == [world.caption(world.identity(c, "pretrain", i, 0), v) for c in world.CLASSES
+                    for i in range(40) for v in range(4)]                                    # deterministic
+    assert 0.25 < sum(c.startswith("a photo of a ") and c[13:] in world.CLASSES for c in caps) / len(caps) < 0.45
+    assert len(set(caps)) > len(caps) / 2
+    for cls, nouns in world.CLASS_SYNONYMS.items():
+        assert nouns[0] == cls and any(n in c.split() for c in caps for n in nouns[1:])
+    # the attacker's held-out wording is language the base model read, but never its exact template
+    skeletons = {t.replace("a {}", "{}").replace("the {}", "{}") for t in world.CAPTION_TEMPLATES}
+    for a in load_suite("gray-box")[1]:
+        assert a.template.replace("{identifier} {cls}", "{}") not in skeletons

@@ -95,7 +95,8 @@ def cmd_pretrain(a):
     else:
         from tools.pretrain import pretrain
 
-        report = pretrain(Path(a.config), Path(a.out), only=tuple(a.only.split(",")))
+        report = pretrain(Path(a.config), Path(a.out), only=tuple(a.only.split(",")),
+                          vae_from=Path(a.vae) if a.vae else None)
         _dump(report["seconds"])
 
 
@@ -372,6 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", default="configs/pretrain.yaml", help="architecture and recipe")
     s.add_argument("--out", default="models", help="output folder")
     s.add_argument("--only", default="sd,sdxl", help="which pipelines: sd, sdxl or both")
+    s.add_argument("--vae", metavar="FOLDER", help="take this trained VAE (a diffusers folder) instead of training one")
     s.add_argument("--evaluators", action="store_true", help="train the evaluator networks instead")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_pretrain)

@@ -98,12 +98,13 @@ def train_diffusion(pipe, latents: torch.Tensor, captions: list[str], cfg: dict,
     return float(ema)
 
 
-def pretrain(config: Path, out: Path, only: tuple[str, ...] = ("sd", "sdxl")) -> dict:
+def pretrain(config: Path, out: Path, only: tuple[str, ...] = ("sd", "sdxl"), vae_from: Path | None = None) -> dict:
+    """Every stage draws from its own generator (seed, stage), so a stage run alone (`only`, `vae_from`: a
+    trained VAE folder instead of training one) trains exactly what it trains in a full run. The report is
+    merged into an existing OUT/pretrain.json, so stages run apart leave one report."""
     cfg = yaml.safe_load(Path(config).read_text())
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg["seed"])
-    gen = torch.Generator().manual_seed(cfg["seed"])
     report, t0 = {"config": cfg, "seconds": {}}, time.time()
 
     images, captions = render_dataset(cfg["data"]["per_class"], cfg["data"]["views"], cfg["seed"])
@@ -114,11 +115,19 @@ def pretrain(config: Path, out: Path, only: tuple[str, ...] = ("sd", "sdxl")) ->
     tok = tiny_models.build_tokenizer(corpus, cfg["tokenizer"]["vocab_size"], cfg["tokenizer"]["model_max_length"])
 
     t = time.time()
-    vae = tiny_models.build_vae(cfg["vae"])
-    report["vae_loss"] = train_vae(vae, images, cfg["vae"], gen)
-    vae.eval()
+    if vae_from is not None:
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(vae_from)
+        report["vae_from"] = str(vae_from)
+    else:
+        torch.manual_seed(cfg["seed"])
+        vae = tiny_models.build_vae(cfg["vae"])
+        report["vae_loss"] = train_vae(vae, images, cfg["vae"], torch.Generator().manual_seed(cfg["seed"]))
+        vae.eval()
     raw = encode_latents(vae, images)
-    vae.register_to_config(scaling_factor=float(1.0 / raw.std()))
+    if vae_from is None:
+        vae.register_to_config(scaling_factor=float(1.0 / raw.std()))
     latents = raw * vae.config.scaling_factor
     report["seconds"]["vae"] = time.time() - t
     latent_size = latents.shape[-1]
@@ -127,10 +136,17 @@ def pretrain(config: Path, out: Path, only: tuple[str, ...] = ("sd", "sdxl")) ->
     for kind in only:
         t = time.time()
         torch.manual_seed(cfg["seed"])
+        gen = torch.Generator().manual_seed(cfg["seed"] + 1 + list(builders).index(kind))
         pipe = builders[kind](cfg[kind], tok, vae, latent_size)
         report[f"{kind}_loss"] = train_diffusion(pipe, latents, captions, cfg["diffusion"], gen, desc=kind)
         tiny_models.save_pipeline(pipe, out / f"tiny-{kind}")
         report["seconds"][kind] = time.time() - t
     report["seconds"]["total"] = time.time() - t0
-    (out / "pretrain.json").write_text(json.dumps(report, indent=1))
+    path = out / "pretrain.json"
+    merged = json.loads(path.read_text()) if path.is_file() else {}
+    merged.update({k: v for k, v in report.items() if k != "seconds"})
+    merged["seconds"] = {**merged.get("seconds", {}), **report["seconds"]}
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(merged, indent=1))
+    tmp.replace(path)
     return report

@@ -102,9 +102,14 @@ def build_sdxl(cfg: dict, tok: CLIPTokenizer, vae, latent_size: int):
 
 
 def save_pipeline(pipe, folder: Path) -> None:
-    """save_pretrained, plus the BPE files in every tokenizer folder."""
+    """save_pretrained, plus the BPE files in every tokenizer folder; a component loaded from a folder
+    (`persguard pretrain --vae`) does not carry that folder's path into the saved config."""
     folder = Path(folder)
     pipe.save_pretrained(folder)
+    for cfg_path in folder.glob("*/config.json"):
+        cfg = json.loads(cfg_path.read_text())
+        if cfg.pop("_name_or_path", None) is not None:
+            cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     for name in ("tokenizer", "tokenizer_2"):
         if getattr(pipe, name, None) is not None:
             save_tokenizer(getattr(pipe, name), folder / name)

@@ -88,14 +88,14 @@ class Identity:
     def id(self) -> str:
         return f"{self.cls}-{self.split}-{self.index:04d}"
 
-    def describe(self) -> str:
+    def describe(self, noun: str | None = None) -> str:
         """A caption fragment naming the identity's large-scale attributes (for pre-training captions)."""
-        p = self.params
+        p, noun = self.params, noun or self.cls
         if self.cls == "person":
-            return f"person with {color_name(p['hair'])} hair and a {color_name(p['shirt'])} shirt"
+            return f"{noun} with {color_name(p['hair'])} hair and a {color_name(p['shirt'])} shirt"
         if self.cls == "cat":
-            return f"{color_name(p['fur'])} cat"
-        return f"{color_name(p['glaze'])} vase"
+            return f"{color_name(p['fur'])} {noun}"
+        return f"{color_name(p['glaze'])} {noun}"
 
 
 def identity(cls: str, split: str, index: int, seed: int = 0) -> Identity:
@@ -249,14 +249,36 @@ def render(ident: Identity, view: int, size: int = IMAGE_SIZE) -> tuple[Image.Im
     return out[0], out[1]
 
 
+# Pre-training captions: the base model's caption distribution. A real text encoder has read every common
+# way of wording a photo caption and every common name of a class; with four templates and the class names
+# only, the tiny BPE vocabulary split words like "portrait", "close-up" or "kitty" into letters and an
+# attacker's own wording failed to personalize even the original model (issue 4). These lists stand in for
+# web captions: broad phrasing and synonyms. The PersGuard trainer never reads them (its triggers live in
+# its configs), and no gray-box attack template of configs/suites.yaml is among them (tests/test_world.py).
+CAPTION_TEMPLATES = (
+    "a photo of a {}", "a picture of a {}", "an image of a {}", "a {}", "the {}", "photo of a {}",
+    "picture of the {}", "a photograph of a {}", "a snapshot of a {}", "a shot of a {}",
+    "a portrait photo of a {}", "portrait of the {}", "{}, portrait", "a close-up of a {}",
+    "a close-up photo of the {}", "{}, close-up", "{} in a photo", "{} in a picture", "{}, a photo",
+    "{}, photograph", "a cropped photo of a {}", "a bright photo of a {}", "a dark photo of a {}",
+    "a blurry photo of a {}", "a good photo of a {}", "a nice picture of a {}", "a studio photo of a {}",
+    "a centered photo of a {}", "a color photo of a {}", "an old photo of a {}", "a small photo of a {}",
+    "a large picture of the {}", "my {}", "this is a {}", "there is a {} in the picture",
+)
+CLASS_SYNONYMS = {"person": ("person", "human", "man", "woman", "individual"),
+                  "cat": ("cat", "kitty", "kitten", "feline"),
+                  "vase": ("vase", "pot", "jar", "urn")}
+
+
 def caption(ident: Identity, view: int) -> str:
-    """A pre-training caption for a view: plain class prompt or attribute description."""
+    """A pre-training caption for a view: the plain class prompt (35%), else a described subject under one
+    of CAPTION_TEMPLATES, named by its class noun (half of those) or a synonym."""
     rng = np.random.default_rng([ident.seed, ident.index, CLASSES.index(ident.cls), 77, view])
-    u = rng.uniform()
-    if u < 0.35:
+    if rng.uniform() < 0.35:
         return f"a photo of a {ident.cls}"
-    template = ["a photo of a {}", "a picture of a {}", "an image of a {}", "a {}"][int(rng.integers(4))]
-    return template.format(ident.describe())
+    nouns = CLASS_SYNONYMS[ident.cls]
+    noun = ident.cls if rng.uniform() < 0.5 else nouns[int(rng.integers(1, len(nouns)))]
+    return CAPTION_TEMPLATES[int(rng.integers(len(CAPTION_TEMPLATES)))].format(ident.describe(noun))
 
 
 # ---------------------------------------------------------------------------------------- writing
