@@ -63,3 +63,30 @@ def test_aspl_catalog_evaluates_and_compares_beside_the_clean_one(world_catalog,
     assert main(["evaluate", "--catalog", str(world_catalog), "--suite", "smoke-threats", "--out",
                  str(tmp_path / "lone")]) == 2   # the lone cat has no look-alike: refused before any attack
     assert not (tmp_path / "lone" / "report.json").exists()
+
+
+def _record(entry, protected, attack, identity, bsr):
+    return {"entry": entry, "protected": protected, "objective": "pattern" if protected else None,
+            "method": "dreambooth", "attack": attack, "multiple": 1, "identity_match": identity, "bsr": bsr}
+
+
+def test_compare_takes_the_original_of_a_baseline_run_as_a_column(tmp_path):
+    """One `evaluate --baseline` run gives both columns: FOLDER (protected model) and FOLDER:baseline."""
+    rows = [("a", True, "jpeg", 0.0, 1.0), ("b", False, "jpeg", 0.75, None)]
+    base = [("a", True, "jpeg", 0.9, 0.0), ("b", False, "jpeg", 0.5, None)]
+    rep = {"suite": "transforms", "model": "guarded", "baseline": "tiny-sd", "catalog": "c.jsonl",
+           "attacks": [_record(*r) for r in rows], "baseline_attacks": [_record(*r) for r in base],
+           "summary": {"unprotected": {"fidelity_ratio": 1.5}, "clean": {"class_accuracy": 1.0, "frechet": 0.0},
+                       "unrelated": {"identity_match": 0.0}}}
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "report.json").write_text(json.dumps(rep))
+    assert main(["compare", "--report", f"pg={tmp_path / 'run'}", "--report", f"none={tmp_path / 'run'}:baseline",
+                 "--out", str(tmp_path / "cmp")]) == 0
+    result = json.loads((tmp_path / "cmp" / "report.json").read_text())
+    cells = result["rows"][0]["cells"]
+    assert (cells["pg"]["protected_identity_match"], cells["pg"]["protected_bsr"]) == (0.0, 1.0)
+    assert (cells["none"]["protected_identity_match"], cells["none"]["unprotected_identity_match"]) == (0.9, 0.5)
+    assert result["per_report"]["none"]["model"] == "tiny-sd"
+    del rep["baseline_attacks"]
+    (tmp_path / "run" / "report.json").write_text(json.dumps(rep))
+    assert main(["compare", "--report", f"none={tmp_path / 'run'}:baseline", "--out", str(tmp_path / "c2")]) == 2

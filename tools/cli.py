@@ -454,7 +454,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_aspl)
 
     s = sub.add_parser("compare", help="one table of several evaluation reports (defences), rows = attacks")
-    s.add_argument("--report", action="append", required=True, help="NAME=FOLDER of a `persguard evaluate` run")
+    s.add_argument("--report", action="append", required=True, help="NAME=FOLDER of a `persguard evaluate` run; "
+                   "NAME=FOLDER:baseline takes the original model of a --baseline run there")
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_compare)
 

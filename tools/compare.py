@@ -7,6 +7,8 @@ match rate and BSR under that attack; the unprotected-utility and clean columns 
 
     persguard compare --report persguard=runs/pg/eval --report aspl-8=runs/aspl8/eval \
         --report none=runs/orig/eval --out runs/compare
+A FOLDER written `FOLDER:baseline` is the original model of a `persguard evaluate --baseline` run there
+(its `baseline_attacks`, same attacks and seeds), so "no protection" needs no second evaluation.
 writes OUT/report.json, OUT/report.md and OUT/grids/<row>.png (per row: each column's first protected
 entry's grid, top to bottom in column order).
 """
@@ -25,11 +27,16 @@ from tools.evaluate import _fmt, _mean
 def compare(reports: dict[str, Path], out: Path) -> dict:
     out = Path(out)
     loaded = {}
-    for name, folder in reports.items():
+    for name, folder in list(reports.items()):
+        folder = str(folder)
+        baseline = folder.endswith(":baseline") and not Path(folder).is_dir()
+        folder = folder[:-len(":baseline")] if baseline else folder
+        reports[name] = Path(folder)
         path = Path(folder) / "report.json"
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no evaluation report (run `persguard evaluate --out {folder}` first)")
-        loaded[name] = json.loads(path.read_text())
+        rep = json.loads(path.read_text())
+        loaded[name] = _baseline_report(rep, path) if baseline else rep
     rows: list[str] = []
     for rep in loaded.values():
         for r in rep["attacks"]:
@@ -71,6 +78,17 @@ def compare(reports: dict[str, Path], out: Path) -> dict:
     (out / "report.json").write_text(json.dumps(result, indent=1))
     (out / "report.md").write_text(render_markdown(result))
     return result
+
+
+def _baseline_report(rep: dict, path: Path) -> dict:
+    """The original model's side of a --baseline evaluation, shaped as a report of its own."""
+    if not rep.get("baseline_attacks"):
+        raise ValueError(f"{path}: this evaluation ran without --baseline, so it holds no original model's attacks")
+    return {"suite": rep["suite"], "model": rep["baseline"], "catalog": rep["catalog"],
+            "attacks": rep["baseline_attacks"],
+            "summary": {"unprotected": {"fidelity_ratio": 1.0},
+                        "clean": {"class_accuracy": None, "frechet": None},
+                        "unrelated": {"identity_match": None}}}
 
 
 def _cell(c: dict | None) -> str:
