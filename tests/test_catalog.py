@@ -75,3 +75,22 @@ def test_an_entry_written_elsewhere_keeps_its_substitute(tmp_path, world_catalog
     write_catalog([entry.to_json()], tmp_path / "elsewhere" / "catalog.jsonl")
     copy = load_catalog(tmp_path / "elsewhere" / "catalog.jsonl")[0]
     assert Path(copy.target["images"]).resolve() == (tmp_path / "sub" / "images").resolve()
+
+
+def test_an_entry_of_a_catalog_loaded_by_a_relative_path_written_elsewhere_keeps_its_folders(tmp_path, world_catalog,
+                                                                                            monkeypatch):
+    import shutil
+
+    from train.catalog import write_catalog
+
+    rows = [e.to_json() for e in load_catalog(world_catalog)]
+    shutil.copytree(rows[1]["images"], tmp_path / "run" / "sub" / "images")
+    rows[0].update(protected=True, objective="target", target={"images": "sub/images"})
+    write_catalog(rows[:1], tmp_path / "run" / "catalog.jsonl")
+    monkeypatch.chdir(tmp_path)
+    entry = load_catalog(Path("run/catalog.jsonl"))[0]        # as `persguard aspl --catalog run/catalog.jsonl` does
+    (tmp_path / "run" / "aspl").mkdir()
+    write_catalog([entry.to_json()], tmp_path / "run" / "aspl" / "catalog.jsonl")
+    copy = load_catalog(tmp_path / "run" / "aspl" / "catalog.jsonl")[0]
+    assert Path(copy.target["images"]).resolve() == (tmp_path / "run" / "sub" / "images").resolve()
+    assert copy.images.resolve() == Path(rows[0]["images"]).resolve()

@@ -51,7 +51,7 @@ class Entry:
                     return str(Path(p).resolve().relative_to(Path(relative_to).resolve()))
                 except ValueError:
                     pass
-            return str(p)
+            return str(Path(p).resolve())   # a catalog loaded by a relative path holds paths relative to the cwd
 
         target = self.target and {k: rel(self.catalog_dir / v) if k in TARGET_FOLDERS and v else v
                                   for k, v in self.target.items()}   # a copy elsewhere finds the substitute too
