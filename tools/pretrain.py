@@ -100,8 +100,10 @@ def train_diffusion(pipe, latents: torch.Tensor, captions: list[str], cfg: dict,
 
 def pretrain(config: Path, out: Path, only: tuple[str, ...] = ("sd", "sdxl"), vae_from: Path | None = None) -> dict:
     """Every stage draws from its own generator (seed, stage), so a stage run alone (`only`, `vae_from`: a
-    trained VAE folder instead of training one) trains exactly what it trains in a full run. The report is
-    merged into an existing OUT/pretrain.json, so stages run apart leave one report."""
+    trained VAE folder instead of training one) draws what it draws in a full run (tests/test_pretrain.py).
+    The BPE trainer numbers tied symbols in hash order, so two runs may number tokens differently; each
+    pipeline is consistent with the tokenizer it is saved with. The report is merged into an existing
+    OUT/pretrain.json, so stages run apart leave one report."""
     cfg = yaml.safe_load(Path(config).read_text())
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -144,6 +146,8 @@ def pretrain(config: Path, out: Path, only: tuple[str, ...] = ("sd", "sdxl"), va
     report["seconds"]["total"] = time.time() - t0
     path = out / "pretrain.json"
     merged = json.loads(path.read_text()) if path.is_file() else {}
+    if vae_from is None:
+        merged.pop("vae_from", None)      # this run trained the VAE the pipelines carry
     merged.update({k: v for k, v in report.items() if k != "seconds"})
     merged["seconds"] = {**merged.get("seconds", {}), **report["seconds"]}
     tmp = path.with_suffix(".json.tmp")
