@@ -26,13 +26,12 @@ from tools.evaluate import _fmt, _mean
 
 def compare(reports: dict[str, Path], out: Path) -> dict:
     out = Path(out)
-    loaded = {}
-    for name, folder in list(reports.items()):
-        folder = str(folder)
-        baseline = folder.endswith(":baseline") and not Path(folder).is_dir()
-        folder = folder[:-len(":baseline")] if baseline else folder
-        reports[name] = Path(folder)
-        path = Path(folder) / "report.json"
+    loaded, folders = {}, {}
+    for name, spec in reports.items():
+        spec = str(spec)
+        baseline = spec.endswith(":baseline") and not Path(spec).is_dir()
+        folder = folders[name] = Path(spec[:-len(":baseline")] if baseline else spec)
+        path = folder / "report.json"
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no evaluation report (run `persguard evaluate --out {folder}` first)")
         rep = json.loads(path.read_text())
@@ -57,7 +56,7 @@ def compare(reports: dict[str, Path], out: Path) -> dict:
                 "by_objective": {o: {"identity_match": _mean([r["identity_match"] for r in prot if r["objective"] == o]),
                                      "bsr": _mean([r["bsr"] for r in prot if r["objective"] == o])}
                                  for o in sorted({r["objective"] for r in prot if r["objective"]})},
-                "grid": next((str(Path(reports[name]) / r["grid"]) for r in prot if r.get("grid")), None)}
+                "grid": next((str(folders[name] / r["grid"]) for r in prot if r.get("grid")), None)}
         table.append(row)
     summary = {name: {"suite": rep["suite"], "model": rep["model"], "catalog": rep["catalog"],
                       "unprotected_fidelity_ratio": rep["summary"]["unprotected"]["fidelity_ratio"],
