@@ -69,9 +69,11 @@ def test_demo_leaves_the_promised_run_folder(tmp_path):
     assert objectives == {"pattern", "erasure", "target"}
     assert {a["protected"] for a in report["attacks"]} == {True, False}
     assert report["baseline_attacks"] and report["diagnostics"]["attacker_loss"]["baseline"]
+    assert set(report["diagnostics"]["encoder_gap"]["none"]) == {"pattern", "erasure", "target"}   # the smoke suite: no transform
     assert report["summary"]["clean"]["seed_spread"]["frechet"] > 0
     md = (out / "report.md").read_text()
     assert "Original vs protected model" in md and "where the backdoor lives" in md and "two seeds" in md
+    assert "Encoder latent gap" in md
     assert (out / "catalog.jsonl").is_file() and list((out / "grids").glob("*.png"))
 
 

@@ -26,7 +26,9 @@ from tools import world
 from tools.attack import AttackSettings, attack
 from tools.diagnostics import diagnose
 from tools.score import evaluators, score
+from train import objectives
 from train.catalog import Entry, load_catalog, load_images, write_catalog
+from train.encoder_guard import entry_samples, transformed_gaps
 from train.pipelines import REPO, load_pipeline
 from train.sampling import mosaic, sample
 
@@ -211,12 +213,19 @@ def _curve(records: list[dict], base_records: list[dict] | None, multiples: list
     return {"points": points, "bsr_below_half_at": below[0] if below else None}
 
 
-def _diagnostics(pipe, base, entries: list[Entry], settings: AttackSettings, seed: int) -> dict | None:
+def _diagnostics(pipe, base, entries: list[Entry], attacks: list[AttackSettings], seed: int) -> dict | None:
     """tools.diagnostics per protected entry, for the model and (with --baseline) the original, plus
-    the means over protected entries."""
+    the means over protected entries; with --baseline also the encoder's latent gap (an encoder guard's
+    reach) of the protected photos under each transform of the suite, per objective with image targets."""
     protected = [e for e in entries if e.protected]
     if not protected:
         return None
+    settings = attacks[0]
+    encoder_gap = None
+    judged = [e for e in protected if objectives.resolve(e).images is not None]
+    if base is not None and judged:
+        specs = list(dict.fromkeys(a.transform for a in attacks))
+        encoder_gap = transformed_gaps(pipe.vae, base.vae, entry_samples(judged), specs, seed)
     per_entry = {e.id: {"model": diagnose(pipe, e, settings.instance_prompt(e.cls), seed=seed),
                         "baseline": diagnose(base, e, settings.instance_prompt(e.cls), seed=seed) if base else None}
                  for e in protected}
@@ -227,7 +236,8 @@ def _diagnostics(pipe, base, entries: list[Entry], settings: AttackSettings, see
 
     return {"prompt_template": settings.template, "entries": per_entry,
             "attacker_loss": {"model": mean("model", "attacker_loss"), "baseline": mean("baseline", "attacker_loss")},
-            "backdoor_acts": {"model": mean("model", "backdoor_acts"), "baseline": mean("baseline", "backdoor_acts")}}
+            "backdoor_acts": {"model": mean("model", "backdoor_acts"), "baseline": mean("baseline", "backdoor_acts")},
+            "encoder_gap": encoder_gap}
 
 
 def _unrelated(entries, samples, n_attacks) -> float | None:
@@ -326,7 +336,7 @@ def evaluate(model: str, out: Path, catalog: Path | None = None, suite: str = "w
     records, samples = attacked["model"]
     base_records = attacked["baseline"][0] if baseline else None
     curve = _curve(records, base_records, multiples) if multiples else None
-    diagnostics = _diagnostics(pipe, base_pipe, entries, attacks[0], seed)
+    diagnostics = _diagnostics(pipe, base_pipe, entries, attacks, seed)
     all_records, all_base = records, base_records
     records = [r for r in records if r["multiple"] == 1]   # the summary is taken at the suite's own length
     base_records = [r for r in base_records if r["multiple"] == 1] if base_records is not None else None
@@ -429,6 +439,15 @@ def render_markdown(report: dict) -> str:
             if row:
                 lines.append(f"| {name} | " + " | ".join(_fmt(row.get(b)) for b in buckets) + " |")
         lines.append("")
+        gaps = d.get("encoder_gap")
+        if gaps:
+            objs = list(dict.fromkeys(o for row in gaps.values() for o in row))
+            lines += ["Encoder latent gap: how close the protected photos, as the attacker transformed them, encode "
+                      "to the objective's target (0: the target itself, 1: as the original encoder puts them).", "",
+                      "| transform | " + " | ".join(objs) + " |", "|---" * (len(objs) + 1) + "|"]
+            lines += [f"| {spec} | " + " | ".join("—" if row.get(o) is None else f"{row[o]:.3f}" for o in objs) + " |"
+                      for spec, row in gaps.items()]
+            lines.append("")
     if report.get("baseline_attacks"):
         base = {(r["entry"], r.get("attack", r["method"]), r.get("multiple", 1)): r for r in report["baseline_attacks"]}
         lines += ["## Original vs protected model (same attack, same seeds)", "",

@@ -172,6 +172,26 @@ def augment(images: torch.Tensor, targets: torch.Tensor | None, gen: torch.Gener
     return _degrade(_lighting(x, gen), rng), y
 
 
+def scrape(images: torch.Tensor, targets: torch.Tensor | None, gen: torch.Generator, rng: np.random.Generator,
+           moves: torch.Tensor | None = None, keep_side: float = 0.7) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """What a scraper makes of a photo: half are cropped (a random window keeping `keep_side` to all of
+    each side, scaled back up; the target crops alike where `moves` says so), then the degradations of
+    `augment`. No rotation or lighting change: the sharpening phase fits photos as an attacker holds them.
+    Session 17's guard, trained on +-15% scale only, left a 0.8 crop of the target entry's photos at a
+    latent gap of 0.25 against 0.04 uncropped (README "Session 18")."""
+    n = len(images)
+    side = 1 - (1 - keep_side) * torch.rand(n, generator=gen)
+    side = torch.where(torch.rand(n, generator=gen) < 0.5, side, torch.ones(n))
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0] = theta[:, 1, 1] = side
+    theta[:, :, 2] = (1 - side)[:, None] * (torch.rand(n, 2, generator=gen) * 2 - 1)
+    x = _warp(images, theta)
+    y = None
+    if targets is not None:
+        y = torch.where(moves.view(-1, 1, 1, 1), _warp(targets, theta), targets) if moves is not None else targets
+    return _degrade(x, rng), y
+
+
 def paste(images: torch.Tensor, targets: torch.Tensor, masks: torch.Tensor, target_masks: torch.Tensor,
           backgrounds: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """The subject on another photo's background (flipped at random): the guard must key on the
@@ -186,7 +206,7 @@ def guard_encoder(vae, protected: list[GuardSample], keep_batches, steps: int = 
                   batch: int = 16, keep_weight: float = 1.0, backgrounds: torch.Tensor | None = None,
                   paste_fraction: float = 0.5, objective_weights: dict[str, float] | None = None,
                   augment_photos: bool = True, sharpen_steps: int = 0, sharpen_lr: float = 5e-4,
-                  seed: int = 0, progress: bool = True, resume: dict | None = None,
+                  sharpen_scrape: bool = False, seed: int = 0, progress: bool = True, resume: dict | None = None,
                   checkpoint: Callable[[dict], None] | None = None, checkpoint_every: int = 0) -> dict:
     """Fine-tune `vae.encoder` (+ quant_conv) in place; the decoder is never touched.
 
@@ -197,7 +217,10 @@ def guard_encoder(vae, protected: list[GuardSample], keep_batches, steps: int = 
     objective's entries in the protection loss (default 1). The learning rate decays along a cosine to
     5% of `lr`. Then `sharpen_steps` at a constant `sharpen_lr` fit the photos as they are (no pose,
     lighting or degradation; pasting stays): the augmented phase leaves latents a blur of the target that
-    an attacker's UNet learns late, and how close they come decides how soon (README, session 8). Returns
+    an attacker's UNet learns late, and how close they come decides how soon (README, session 8).
+    `sharpen_scrape` sharpens on what a scraper makes of the photos instead (`scrape`: random crops and
+    degradations), and keeps a scraped copy of the kept images as before, so cropping or compressing a
+    photo neither escapes the guard nor becomes a reason to encode differently. Returns
     the mean losses of the last 50 steps {"protect_loss", "keep_loss"}, `latent_gap` per objective and
     `seconds`, the guard steps' time summed over every job that ran them (restarts, extensions; this job's
     alone: `job_seconds`).
@@ -265,6 +288,9 @@ def guard_encoder(vae, protected: list[GuardSample], keep_batches, steps: int = 
         if augment_photos and not sharpening:
             x, y = augment(x, y, gen, rng, moves[idx])
             keep = torch.cat([keep, augment(keep, None, gen, rng)[0]])
+        elif sharpening and sharpen_scrape:
+            x, y = scrape(x, y, gen, rng, moves[idx])
+            keep = torch.cat([keep, scrape(keep, None, gen, rng)[0]])
         x, y, keep = x.to(dev), y.to(dev), keep.to(dev)
         with torch.no_grad():
             want = _moments(teacher, y)
@@ -293,6 +319,39 @@ def guard_encoder(vae, protected: list[GuardSample], keep_batches, steps: int = 
     stats["seconds"] = before + stats["job_seconds"]   # every job's guard steps: a time to acceptance
     stats["latent_gap"] = latent_gap(vae, teacher, protected)
     return stats
+
+
+def entry_samples(entries, transplant: bool = True) -> list[GuardSample]:
+    """The GuardSample of each protected catalog entry (train.catalog.Entry): its photos and what they
+    encode as; `transplant` moves a substitute with subject-free twins onto each photo (EncoderGuard)."""
+    from train import objectives
+    from train.catalog import load_images
+
+    samples = []
+    for e in entries:
+        target = objectives.resolve(e)
+        samples.append(guard_sample(e.id, e.objective, load_images(e.images, 64), target.images,
+                                    load_images(e.backgrounds, 64) if e.backgrounds is not None else None,
+                                    target.backgrounds if transplant else None))
+    return samples
+
+
+@torch.no_grad()
+def transformed_gaps(vae, teacher, protected: list[GuardSample], specs: list[str | None],
+                     seed: int = 0) -> dict[str, dict[str, float]]:
+    """`latent_gap` of the photos as an attacker may hold them: per transform spec (tools.transforms; None
+    or "" = as they are), per objective. A crop moves the subject, so targets that move with it
+    (`moves_with_subject`) are cropped alike (the crop parts of the chain, same seed; exact where the
+    crop comes first). Session 18: a 0.8 crop left session 17's guard at 0.25 on the target entry."""
+    out = {}
+    for spec in specs:
+        crops = "+".join(p for p in (spec or "").split("+") if p.startswith("crop")) or None
+        moved = [GuardSample(s.entry_id, s.objective, transforms.apply(s.images, spec, seed=seed),
+                             transforms.apply(s.targets.expand_as(s.images).contiguous(), crops, seed=seed)
+                             if s.moves_with_subject else s.targets)
+                 for s in protected]
+        out[spec or "none"] = latent_gap(vae, teacher, moved)
+    return out
 
 
 @torch.no_grad()

@@ -194,13 +194,7 @@ class Protector:
         if resume is not None and self.progress:
             tqdm.write(f"encoder guard: resuming at step {skip} of {total} from "
                        f"{partial if resume is not finished else done}")
-        samples = []
-        for e in self.protected:
-            target = objectives.resolve(e)
-            samples.append(encoder_guard.guard_sample(
-                e.id, e.objective, load_images(e.images, 64), target.images,
-                load_images(e.backgrounds, 64) if e.backgrounds is not None else None,
-                target.backgrounds if g.transplant else None))
+        samples = encoder_guard.entry_samples(self.protected, g.transplant)
         known = [load_images(e.backgrounds, 64) for e in self.entries if e.backgrounds is not None]
         unprotected = torch.cat([load_images(e.images, 64) for e in self.unprotected]) if self.unprotected else None
 
@@ -209,7 +203,7 @@ class Protector:
             vae, samples, self.guard_keep_batches(unprotected, skip), steps=g.steps, lr=g.lr, batch=g.batch,
             keep_weight=g.keep_weight,
             objective_weights={"target": g.target_weight}, augment_photos=g.augment, paste_fraction=g.paste_fraction,
-            sharpen_steps=g.sharpen_steps, sharpen_lr=g.sharpen_lr,
+            sharpen_steps=g.sharpen_steps, sharpen_lr=g.sharpen_lr, sharpen_scrape=g.sharpen_scrape,
             backgrounds=torch.cat(known) if known else None, seed=self.cfg.seed, progress=self.progress,
             resume=resume["guard"] if resume is not None else None,
             checkpoint=lambda guard: last.update(guard=guard) or save({"guard": guard}, partial),
@@ -531,8 +525,9 @@ class Protector:
         for where in ("out", "steps", "logging", "cluster"):   # may change between a run and its resume
             cfg.pop(where)
         cfg["encoder_guard"].pop("sharpen_steps")   # may grow: the guard is extended (implant_encoder_guard)
-        if not cfg["encoder_guard"]["keep_batch"]:   # added in session 15: at its default, runs from before resume
-            cfg["encoder_guard"].pop("keep_batch")
+        for field in ("keep_batch", "sharpen_scrape"):   # added in sessions 15, 18: at their defaults, older runs resume
+            if not cfg["encoder_guard"][field]:
+                cfg["encoder_guard"].pop(field)
         return {"config": hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16],
                 "catalog": file_hash(Path(self.cfg.catalog)), "world_size": self.world}
 
