@@ -121,10 +121,6 @@ class EncoderGuard:
     # 2e-4 (1x: 1.00), 0.017 after 800 augmented + 1000 sharpening at 5e-4 (README "Session 8").
     sharpen_steps: int = 1000
     sharpen_lr: float = 5.0e-4
-    # Sharpen on scraped photos (random crops, JPEG, blur, down-up resizing, noise; encoder_guard.scrape):
-    # session 17's guard left a 0.8 crop of the target entry's photos at a latent gap of 0.25, against 0.04
-    # uncropped (issue 4, README "Session 18").
-    sharpen_scrape: bool = False
     # Move the substitute onto each protected photo where the protected subject stands (needs
     # target.backgrounds, else one fixed substitute picture), with target entries weighted 3x. Session 7,
     # judged against held-out views of the substitute, target BSR at 0.5x-8x the attack: transplant

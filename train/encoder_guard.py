@@ -172,26 +172,6 @@ def augment(images: torch.Tensor, targets: torch.Tensor | None, gen: torch.Gener
     return _degrade(_lighting(x, gen), rng), y
 
 
-def scrape(images: torch.Tensor, targets: torch.Tensor | None, gen: torch.Generator, rng: np.random.Generator,
-           moves: torch.Tensor | None = None, keep_side: float = 0.7) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """What a scraper makes of a photo: half are cropped (a random window keeping `keep_side` to all of
-    each side, scaled back up; the target crops alike where `moves` says so), then the degradations of
-    `augment`. No rotation or lighting change: the sharpening phase fits photos as an attacker holds them.
-    Session 17's guard, trained on +-15% scale only, left a 0.8 crop of the target entry's photos at a
-    latent gap of 0.25 against 0.04 uncropped (README "Session 18")."""
-    n = len(images)
-    side = 1 - (1 - keep_side) * torch.rand(n, generator=gen)
-    side = torch.where(torch.rand(n, generator=gen) < 0.5, side, torch.ones(n))
-    theta = torch.zeros(n, 2, 3)
-    theta[:, 0, 0] = theta[:, 1, 1] = side
-    theta[:, :, 2] = (1 - side)[:, None] * (torch.rand(n, 2, generator=gen) * 2 - 1)
-    x = _warp(images, theta)
-    y = None
-    if targets is not None:
-        y = torch.where(moves.view(-1, 1, 1, 1), _warp(targets, theta), targets) if moves is not None else targets
-    return _degrade(x, rng), y
-
-
 def paste(images: torch.Tensor, targets: torch.Tensor, masks: torch.Tensor, target_masks: torch.Tensor,
           backgrounds: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """The subject on another photo's background (flipped at random): the guard must key on the
@@ -206,7 +186,7 @@ def guard_encoder(vae, protected: list[GuardSample], keep_batches, steps: int = 
                   batch: int = 16, keep_weight: float = 1.0, backgrounds: torch.Tensor | None = None,
                   paste_fraction: float = 0.5, objective_weights: dict[str, float] | None = None,
                   augment_photos: bool = True, sharpen_steps: int = 0, sharpen_lr: float = 5e-4,
-                  sharpen_scrape: bool = False, seed: int = 0, progress: bool = True, resume: dict | None = None,
+                  seed: int = 0, progress: bool = True, resume: dict | None = None,
                   checkpoint: Callable[[dict], None] | None = None, checkpoint_every: int = 0) -> dict:
     """Fine-tune `vae.encoder` (+ quant_conv) in place; the decoder is never touched.
 
@@ -217,10 +197,7 @@ def guard_encoder(vae, protected: list[GuardSample], keep_batches, steps: int = 
     objective's entries in the protection loss (default 1). The learning rate decays along a cosine to
     5% of `lr`. Then `sharpen_steps` at a constant `sharpen_lr` fit the photos as they are (no pose,
     lighting or degradation; pasting stays): the augmented phase leaves latents a blur of the target that
-    an attacker's UNet learns late, and how close they come decides how soon (README, session 8).
-    `sharpen_scrape` sharpens on what a scraper makes of the photos instead (`scrape`: random crops and
-    degradations), and keeps a scraped copy of the kept images as before, so cropping or compressing a
-    photo neither escapes the guard nor becomes a reason to encode differently. Returns
+    an attacker's UNet learns late, and how close they come decides how soon (README, session 8). Returns
     the mean losses of the last 50 steps {"protect_loss", "keep_loss"}, `latent_gap` per objective and
     `seconds`, the guard steps' time summed over every job that ran them (restarts, extensions; this job's
     alone: `job_seconds`).
@@ -288,9 +265,6 @@ def guard_encoder(vae, protected: list[GuardSample], keep_batches, steps: int = 
         if augment_photos and not sharpening:
             x, y = augment(x, y, gen, rng, moves[idx])
             keep = torch.cat([keep, augment(keep, None, gen, rng)[0]])
-        elif sharpening and sharpen_scrape:
-            x, y = scrape(x, y, gen, rng, moves[idx])
-            keep = torch.cat([keep, scrape(keep, None, gen, rng)[0]])
         x, y, keep = x.to(dev), y.to(dev), keep.to(dev)
         with torch.no_grad():
             want = _moments(teacher, y)

@@ -203,7 +203,7 @@ class Protector:
             vae, samples, self.guard_keep_batches(unprotected, skip), steps=g.steps, lr=g.lr, batch=g.batch,
             keep_weight=g.keep_weight,
             objective_weights={"target": g.target_weight}, augment_photos=g.augment, paste_fraction=g.paste_fraction,
-            sharpen_steps=g.sharpen_steps, sharpen_lr=g.sharpen_lr, sharpen_scrape=g.sharpen_scrape,
+            sharpen_steps=g.sharpen_steps, sharpen_lr=g.sharpen_lr,
             backgrounds=torch.cat(known) if known else None, seed=self.cfg.seed, progress=self.progress,
             resume=resume["guard"] if resume is not None else None,
             checkpoint=lambda guard: last.update(guard=guard) or save({"guard": guard}, partial),
@@ -525,9 +525,8 @@ class Protector:
         for where in ("out", "steps", "logging", "cluster"):   # may change between a run and its resume
             cfg.pop(where)
         cfg["encoder_guard"].pop("sharpen_steps")   # may grow: the guard is extended (implant_encoder_guard)
-        for field in ("keep_batch", "sharpen_scrape"):   # added in sessions 15, 18: at their defaults, older runs resume
-            if not cfg["encoder_guard"][field]:
-                cfg["encoder_guard"].pop(field)
+        if not cfg["encoder_guard"]["keep_batch"]:   # added in session 15: at its default, runs from before resume
+            cfg["encoder_guard"].pop("keep_batch")
         return {"config": hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16],
                 "catalog": file_hash(Path(self.cfg.catalog)), "world_size": self.world}
 
