@@ -216,7 +216,8 @@ def _curve(records: list[dict], base_records: list[dict] | None, multiples: list
 def _diagnostics(pipe, base, entries: list[Entry], attacks: list[AttackSettings], seed: int) -> dict | None:
     """tools.diagnostics per protected entry, for the model and (with --baseline) the original, plus
     the means over protected entries; with --baseline also the encoder's latent gap (an encoder guard's
-    reach) of the protected photos under each transform of the suite, per objective with image targets."""
+    reach) of the protected photos under each transform of the suite, per objective with image targets
+    (targets built as protect builds them by default: substitutes transplanted where they have twins)."""
     protected = [e for e in entries if e.protected]
     if not protected:
         return None
