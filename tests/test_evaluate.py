@@ -29,6 +29,18 @@ def test_evaluate_writes_the_promised_report_and_reruns_reproduce_in_worker_proc
     assert s["clean"]["frechet"] > 0 and 0 <= s["clean"]["class_accuracy"] <= 1
     assert "| person-catalog-0000 |" in (tmp_path / "a" / "report.md").read_text()
 
+    # re-judged from its grids with the same evaluators: every metric and the summary come back
+    from tools.score import EVALUATORS_DIR
+    assert main(["rescore", str(tmp_path / "a"), "--evaluators", str(EVALUATORS_DIR), "--out", str(tmp_path / "r")]) == 0
+    rescored = json.loads((tmp_path / "r" / "report.json").read_text())
+    keys = ("ism", "identity_match", "subject_detect", "bsr")
+    assert [[a[k] for k in keys] for a in rescored["attacks"]] == pytest.approx(
+        [[a[k] for k in keys] for a in report["attacks"]], abs=2e-3)
+    assert [a["before_rescore"]["identity_match"] for a in rescored["attacks"]] == [a["identity_match"] for a in report["attacks"]]
+    assert rescored["summary"]["unrelated"] == pytest.approx(s["unrelated"], abs=1e-6)
+    assert rescored["summary"]["unprotected"]["identity_match"] == pytest.approx(s["unprotected"]["identity_match"])
+    assert (tmp_path / "r" / rescored["attacks"][0]["grid"]).is_file()
+
     # again, the attacks spread over two worker processes: the same records in the same order (the
     # workers' single thread sums in another order than this process's, hence the tolerance)
     again = _run(world_catalog, tmp_path / "b", "--workers", "2")

@@ -158,6 +158,13 @@ def cmd_evaluate(a):
     print((Path(a.out) / "report.md").read_text())
 
 
+def cmd_rescore(a):
+    from tools.rescore import rescore
+
+    rescore(Path(a.run), Path(a.evaluators), Path(a.out))
+    print((Path(a.out) / "report.md").read_text())
+
+
 def _counts(spec: str, default: int) -> dict[str, int]:
     """"person=8,cat,vase=4" -> {"person": 8, "cat": default, "vase": 4}"""
     counts = {}
@@ -420,6 +427,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.add_argument("--workers", type=int, default=1, help=WORKERS_HELP)
     s.set_defaults(func=cmd_evaluate)
+
+    s = sub.add_parser("rescore", help="re-judge a finished evaluation's attacks (from its grids) with other "
+                       "evaluator networks, without re-running them")
+    s.add_argument("run", help="a `persguard evaluate --out` folder")
+    s.add_argument("--evaluators", required=True, help="folder of evaluator networks (persguard pretrain --evaluators)")
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_rescore)
 
     s = sub.add_parser("substitutes", help="rank candidate substitutes for target entries by how reliably an "
                        "attack on the original model learns them")

@@ -241,6 +241,28 @@ def _diagnostics(pipe, base, entries: list[Entry], attacks: list[AttackSettings]
             "encoder_gap": encoder_gap}
 
 
+def attack_summary(records: list[dict], base_records: list[dict] | None, entries: list[Entry], samples: dict,
+                   n_attacks: int) -> dict:
+    """The summary's parts judged from the attacks at the suite's own length: protected identity match and BSR
+    (per objective), unprotected identity match and fidelity against the baseline, unrelated identities."""
+    prot = [r for r in records if r["protected"]]
+    unprot = [r for r in records if not r["protected"]]
+    base_unprot = [r for r in base_records or [] if not r["protected"]]
+    by_obj = {o: _mean([r["bsr"] for r in prot if r["objective"] == o]) for o in ("pattern", "erasure", "target")}
+    fidelity = None
+    if base_unprot and unprot and _mean([r["identity_match"] for r in base_unprot]):
+        fidelity = _mean([r["identity_match"] for r in unprot]) / _mean([r["identity_match"] for r in base_unprot])
+    methods = dict.fromkeys(r["method"] for r in records)
+    return {
+        "protected": {"identity_match": _mean([r["identity_match"] for r in prot]),
+                      "bsr": _mean([r["bsr"] for r in prot]), "bsr_by_objective": by_obj},
+        "unprotected": {"identity_match": _mean([r["identity_match"] for r in unprot]), "fidelity_ratio": fidelity,
+                        "by_method": {m: _mean([r["identity_match"] for r in unprot if r["method"] == m])
+                                      for m in methods}},
+        "unrelated": {"identity_match": _unrelated(entries, samples, n_attacks)},
+    }
+
+
 def _unrelated(entries, samples, n_attacks) -> float | None:
     rates = []
     for a in entries:
@@ -354,20 +376,8 @@ def evaluate(model: str, out: Path, catalog: Path | None = None, suite: str = "w
         real = _real_features(class_samples, n_samples)
         fd = frechet(clean["features"], real) if real is not None else None
 
-    prot = [r for r in records if r["protected"]]
-    unprot = [r for r in records if not r["protected"]]
-    base_unprot = [r for r in base_records or [] if not r["protected"]]
-    by_obj = {o: _mean([r["bsr"] for r in prot if r["objective"] == o]) for o in ("pattern", "erasure", "target")}
-    fidelity = None
-    if base_unprot and unprot and _mean([r["identity_match"] for r in base_unprot]):
-        fidelity = _mean([r["identity_match"] for r in unprot]) / _mean([r["identity_match"] for r in base_unprot])
     summary = {
-        "protected": {"identity_match": _mean([r["identity_match"] for r in prot]),
-                      "bsr": _mean([r["bsr"] for r in prot]), "bsr_by_objective": by_obj},
-        "unprotected": {"identity_match": _mean([r["identity_match"] for r in unprot]), "fidelity_ratio": fidelity,
-                        "by_method": {a.method: _mean([r["identity_match"] for r in unprot
-                                                       if r["method"] == a.method]) for a in attacks}},
-        "unrelated": {"identity_match": _unrelated(entries, samples, len(attacks))},
+        **attack_summary(records, base_records, entries, samples, len(attacks)),
         "class_prompt": {"identity_match": _mean(class_match)},
         "clean": {"frechet": fd, "frechet_reference": "baseline samples" if baseline else "real renders",
                   "class_accuracy": clean["class_accuracy"], "seed_spread": spread},

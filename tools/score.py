@@ -22,8 +22,21 @@ PATTERN_THRESHOLD = 0.6   # correlation with the pattern image that counts as "t
 EVALUATORS_DIR = REPO / "models" / "evaluators"
 
 
+_judge = {"folder": str(EVALUATORS_DIR)}
+
+
+def use_evaluators(folder: str | Path) -> None:
+    """Judge with the evaluator networks in `folder` from now on (`persguard rescore` re-judges old runs)."""
+    _judge["folder"] = str(folder)
+    evaluators()   # fail here, naming the folder, if its weights are missing
+
+
+def evaluators(folder: str | None = None) -> Evaluators:
+    return _load(folder or _judge["folder"])
+
+
 @lru_cache(maxsize=2)
-def evaluators(folder: str = str(EVALUATORS_DIR)) -> Evaluators:
+def _load(folder: str) -> Evaluators:
     if not (Path(folder) / "embedder.safetensors").is_file():
         raise FileNotFoundError(f"{folder}: evaluator weights missing (rebuild: persguard pretrain --evaluators)")
     return Evaluators(Path(folder))
