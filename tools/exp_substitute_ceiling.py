@@ -12,10 +12,17 @@ attack and sampling seeds in all three (tools/evaluate.py seeds by position). Th
     python -m tools.exp_substitute_ceiling runs/wb/world/catalog.jsonl runs/ceiling
     persguard evaluate --model tiny-sd --catalog runs/ceiling/FILE --suite curve-short --seed S --out ...
     (targets.jsonl with --model runs/wb/protected)
+
+`--perfect-guard` writes OUT/perfect-guard.jsonl instead: EVERY protected entry of the catalog, each objective,
+with its photos replaced by what a perfect encoder guard would hand the attacker (the pattern on the photo,
+the photo's subject-free twin, the substitute moved onto it: train.encoder_guard.entry_samples), in the
+catalog's own order up to the last protected entry. Evaluated on the ORIGINAL model with the suite and seed
+the guarded model was, each cell has the guarded cell's attack and sampling seeds (session 19): where the
+attack does not draw the protective output even from these images, no encoder guard could have made it.
 """
 from pathlib import Path
 
-from tools.substitutes import judged, portable, transplanted
+from tools.substitutes import judged, portable, save_images, transplanted
 from train import objectives
 from train.catalog import load_catalog, load_images, write_catalog
 
@@ -44,12 +51,34 @@ def ceiling_catalogs(catalog: Path, out: Path) -> dict[str, Path]:
     return paths
 
 
+def perfect_guard_catalog(catalog: Path, out: Path) -> Path:
+    from train.encoder_guard import entry_samples
+
+    entries = load_catalog(catalog)
+    last = max((k for k, e in enumerate(entries) if e.protected), default=None)
+    if last is None:
+        raise ValueError(f"{catalog}: no protected entry")
+    rows = []
+    for e in entries[:last + 1]:
+        row = portable(e)
+        if e.protected:
+            s = entry_samples([e])[0]
+            row["images"] = str(save_images(s.targets.expand_as(s.images).contiguous(), out / e.id).resolve())
+        rows.append(row)
+    write_catalog(rows, out / "perfect-guard.jsonl")
+    return out / "perfect-guard.jsonl"
+
+
 if __name__ == "__main__":
     import argparse
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("catalog", type=Path)
     ap.add_argument("out", type=Path)
+    ap.add_argument("--perfect-guard", action="store_true", help="every objective's perfect-guard photos instead")
     a = ap.parse_args()
-    for path in ceiling_catalogs(a.catalog, a.out).values():
-        print(path)
+    if a.perfect_guard:
+        print(perfect_guard_catalog(a.catalog, a.out))
+    else:
+        for path in ceiling_catalogs(a.catalog, a.out).values():
+            print(path)

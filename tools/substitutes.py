@@ -102,7 +102,7 @@ def load_ranking(path: Path, seed: int) -> dict[str, list[int]]:
     return ranking
 
 
-def _save(images, folder: Path) -> Path:
+def save_images(images, folder: Path) -> Path:
     import numpy as np
     from PIL import Image
 
@@ -126,7 +126,7 @@ def transplanted(e, images, backgrounds, subs, sub_backgrounds, catalog: Path):
 def judged(entry_id: str, cls: str, images, folder: Path, reference: Path) -> dict:
     """An unprotected entry of `images` (saved to `folder`) judged against `reference`'s held-out views."""
     return {"id": entry_id, "class": cls, "protected": False, "objective": None, "target": None,
-            "images": str(_save(images, folder).resolve()), "reference": str(Path(reference).resolve())}
+            "images": str(save_images(images, folder).resolve()), "reference": str(Path(reference).resolve())}
 
 
 def portable(e) -> dict:
