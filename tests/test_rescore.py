@@ -1,7 +1,5 @@
 """`persguard rescore` reads an evaluation's samples back from its grids (the whole re-judging of a real run
 is in tests/test_evaluate.py, on the run that test makes)."""
-import json
-
 import pytest
 import torch
 
