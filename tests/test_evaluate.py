@@ -33,9 +33,10 @@ def test_evaluate_writes_the_promised_report_and_reruns_reproduce_in_worker_proc
     from tools.score import EVALUATORS_DIR
     assert main(["rescore", str(tmp_path / "a"), "--evaluators", str(EVALUATORS_DIR), "--out", str(tmp_path / "r")]) == 0
     rescored = json.loads((tmp_path / "r" / "report.json").read_text())
-    keys = ("ism", "identity_match", "subject_detect", "bsr")
-    assert [[a[k] for k in keys] for a in rescored["attacks"]] == pytest.approx(
-        [[a[k] for k in keys] for a in report["attacks"]], abs=2e-3)
+    for k in ("ism", "identity_match", "subject_detect", "bsr"):   # bsr: None where nothing is protected
+        got, want = [a[k] for a in rescored["attacks"]], [a[k] for a in report["attacks"]]
+        assert [g is None for g in got] == [w is None for w in want], k
+        assert [g for g in got if g is not None] == pytest.approx([w for w in want if w is not None], abs=2e-3), k
     assert [a["before_rescore"]["identity_match"] for a in rescored["attacks"]] == [a["identity_match"] for a in report["attacks"]]
     assert rescored["summary"]["unrelated"] == pytest.approx(s["unrelated"], abs=1e-6)
     assert rescored["summary"]["unprotected"]["identity_match"] == pytest.approx(s["unprotected"]["identity_match"])
