@@ -177,3 +177,28 @@ def test_substitutes_for_a_catalog_screen_each_target_entry_on_its_own_photos_an
     assert "catalog.jsonl: no target entry nobody" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="--candidates and --entries go with --catalog"):
         main(["substitutes", "--candidates", "vase-catalog-1006", "--out", str(tmp_path / "x")])
+
+
+def test_the_perfect_guard_catalog_hands_the_attacker_each_objectives_target_in_catalog_order(tmp_path):
+    from tools.exp_substitute_ceiling import perfect_guard_catalog
+    from train.catalog import load_catalog, load_images
+    from train.encoder_guard import entry_samples
+
+    out = tmp_path / "w"
+    main(["world", "--out", str(out), "--classes", "person=5", "--protect", "3", "--images", "3", "--reference", "2"])
+    lines = (out / "catalog.jsonl").read_text().splitlines(keepends=True)   # 3 protected, then 2 not
+    (out / "catalog.jsonl").write_text("".join(lines[i] for i in (0, 3, 1, 2, 4)))   # one unprotected among them
+    entries = load_catalog(out / "catalog.jsonl")
+    last = max(k for k, e in enumerate(entries) if e.protected)
+    assert last == 3 and not entries[1].protected
+    perfect = load_catalog(perfect_guard_catalog(out / "catalog.jsonl", tmp_path / "perfect"))
+    assert [e.id for e in perfect] == [e.id for e in entries[:last + 1]]       # same positions: same attack seeds
+    for e, p in zip(entries, perfect):
+        assert (p.protected, p.objective, p.reference_dir.resolve()) == (e.protected, e.objective, e.reference_dir.resolve())
+        if not e.protected:
+            assert p.images.resolve() == e.images.resolve()
+            continue
+        s = entry_samples([e])[0]
+        want = s.targets.expand_as(s.images)
+        assert (load_images(p.images, 64) - want).abs().max() <= 0.5 / 255 + 1e-6, e.objective
+    assert {e.objective for e in perfect if e.protected} == {"pattern", "erasure", "target"}

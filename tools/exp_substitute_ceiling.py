@@ -14,7 +14,7 @@ attack and sampling seeds in all three (tools/evaluate.py seeds by position). Th
     (targets.jsonl with --model runs/wb/protected)
 
 `--perfect-guard` writes OUT/perfect-guard.jsonl instead: EVERY protected entry of the catalog, each objective,
-with its photos replaced by what a perfect encoder guard would hand the attacker (the pattern on the photo,
+with its photos replaced by what a perfect encoder guard would hand the attacker (the pattern itself,
 the photo's subject-free twin, the substitute moved onto it: train.encoder_guard.entry_samples), in the
 catalog's own order up to the last protected entry. Evaluated on the ORIGINAL model with the suite and seed
 the guarded model was, each cell has the guarded cell's attack and sampling seeds (session 19): where the
