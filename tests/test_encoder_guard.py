@@ -118,6 +118,30 @@ class Killed(Exception):
     pass
 
 
+def test_sharpening_pastes_its_own_share(world_catalog):
+    """`sharpen_paste_fraction` 0 sharpens on the photos as they are, whatever the augmented phase pastes:
+    the same encoder as a run that never pastes; pasting while sharpening gives another."""
+    e = _entry(world_catalog)
+    images, backgrounds = load_images(e.images, 64), load_images(e.backgrounds, 64)
+    sample = guard_sample(e.id, "erasure", images, backgrounds)
+
+    def run(**kw):
+        vae = load_pipeline("tiny-sd").vae
+
+        def keep_batches():
+            while True:
+                yield images[:2]
+        guard_encoder(vae, [sample], keep_batches(), steps=0, sharpen_steps=3, batch=4, backgrounds=backgrounds,
+                      seed=1, progress=False, **kw)
+        return vae.encoder.state_dict()
+
+    unpasted = run(paste_fraction=1.0, sharpen_paste_fraction=0.0)
+    never = run(paste_fraction=0.0)
+    pasted = run(paste_fraction=1.0)
+    assert all(torch.equal(v, never[k]) for k, v in unpasted.items())
+    assert not all(torch.equal(v, pasted[k]) for k, v in unpasted.items())
+
+
 def test_a_guard_stopped_midway_goes_on_exactly_from_its_checkpoint(world_catalog):
     e = _entry(world_catalog)
     images, backgrounds = load_images(e.images, 64), load_images(e.backgrounds, 64)
@@ -275,6 +299,8 @@ def test_guard_config_is_validated(tmp_path):
         load_config(None, ["catalog=x.jsonl", "encoder_guard.lr=0"])
     with pytest.raises(ConfigError, match="paste_fraction"):
         load_config(None, ["catalog=x.jsonl", "encoder_guard.paste_fraction=1.5"])
+    with pytest.raises(ConfigError, match="sharpen_paste_fraction"):
+        load_config(None, ["catalog=x.jsonl", "encoder_guard.sharpen_paste_fraction=-0.1"])
     with pytest.raises(ConfigError, match="keep_batch >= 0"):
         load_config(None, ["catalog=x.jsonl", "encoder_guard.keep_batch=-2"])
 

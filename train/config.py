@@ -115,6 +115,7 @@ class EncoderGuard:
     keep_weight: float = 1.0    # weight of "every other image encodes as before"
     augment: bool = True        # random pose, lighting and degradation of every training photo
     paste_fraction: float = 0.5  # share of protected photos pasted onto other photos' backgrounds
+    sharpen_paste_fraction: float = -1.0  # that share while sharpening (-1: paste_fraction)
     # Then fit the photos as they are, at a constant lr. Session 8, demo catalog: the target's latent gap
     # (distance to the substitute's latents over the photo's own) decides how soon the attacker learns it:
     # 0.15 after 2000 augmented steps (target BSR at 1x 0.06), 0.05 after 1000 more sharpening steps at
@@ -238,9 +239,10 @@ class ProtectConfig:
                 problems.append(f"trigger.templates: {t!r} must contain {{identifier}} and {{cls}}")
         g = self.encoder_guard
         if g.steps < 0 or g.sharpen_steps < 0 or g.lr <= 0 or g.sharpen_lr <= 0 or g.batch < 1 \
-                or g.keep_batch < 0 or g.keep_weight < 0 or g.target_weight <= 0 or not 0 <= g.paste_fraction <= 1:
+                or g.keep_batch < 0 or g.keep_weight < 0 or g.target_weight <= 0 or not 0 <= g.paste_fraction <= 1 \
+                or not (0 <= g.sharpen_paste_fraction <= 1 or g.sharpen_paste_fraction == -1):
             problems.append("encoder_guard: need steps >= 0, sharpen_steps >= 0, lr > 0, sharpen_lr > 0, batch >= 1, "
-                            "keep_batch >= 0, keep_weight >= 0, target_weight > 0, 0 <= paste_fraction <= 1")
+                            "keep_batch >= 0, keep_weight >= 0, target_weight > 0, 0 <= paste_fraction <= 1, sharpen_paste_fraction -1 or in [0, 1]")
         if problems:
             raise ConfigError(f"{source}: " + "; ".join(problems))
         return self

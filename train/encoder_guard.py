@@ -184,7 +184,7 @@ def paste(images: torch.Tensor, targets: torch.Tensor, masks: torch.Tensor, targ
 
 def guard_encoder(vae, protected: list[GuardSample], keep_batches, steps: int = 1500, lr: float = 1e-3,
                   batch: int = 16, keep_weight: float = 1.0, backgrounds: torch.Tensor | None = None,
-                  paste_fraction: float = 0.5, objective_weights: dict[str, float] | None = None,
+                  paste_fraction: float = 0.5, sharpen_paste_fraction: float | None = None, objective_weights: dict[str, float] | None = None,
                   augment_photos: bool = True, sharpen_steps: int = 0, sharpen_lr: float = 5e-4,
                   seed: int = 0, progress: bool = True, resume: dict | None = None,
                   checkpoint: Callable[[dict], None] | None = None, checkpoint_every: int = 0) -> dict:
@@ -196,8 +196,9 @@ def guard_encoder(vae, protected: list[GuardSample], keep_batches, steps: int = 
     the random pose, lighting and degradation of `augment` to every photo. `objective_weights` weights each
     objective's entries in the protection loss (default 1). The learning rate decays along a cosine to
     5% of `lr`. Then `sharpen_steps` at a constant `sharpen_lr` fit the photos as they are (no pose,
-    lighting or degradation; pasting stays): the augmented phase leaves latents a blur of the target that
-    an attacker's UNet learns late, and how close they come decides how soon (README, session 8). Returns
+    lighting or degradation; a `sharpen_paste_fraction` of them pasted, default `paste_fraction`): the
+    augmented phase leaves latents a blur of the target that an attacker's UNet learns late, and how close
+    they come decides how soon (README, session 8). Returns
     the mean losses of the last 50 steps {"protect_loss", "keep_loss"}, `latent_gap` per objective and
     `seconds`, the guard steps' time summed over every job that ran them (restarts, extensions; this job's
     alone: `job_seconds`).
@@ -256,7 +257,8 @@ def guard_encoder(vae, protected: list[GuardSample], keep_batches, steps: int = 
         idx = torch.randint(0, len(images), (batch,), generator=gen)
         x, y, m = images[idx], targets[idx], masks[idx]
         if backgrounds is not None:
-            pick = (m[:, 0, 0, 0] >= 0) & (torch.rand(batch, generator=gen) < paste_fraction)
+            share = paste_fraction if not sharpening or sharpen_paste_fraction is None else sharpen_paste_fraction
+            pick = (m[:, 0, 0, 0] >= 0) & (torch.rand(batch, generator=gen) < share)
             if pick.any():
                 px, py = paste(x[pick], y[pick], m[pick], keeps[idx][pick], backgrounds, gen)
                 x, y = x.clone(), y.clone()

@@ -203,6 +203,7 @@ class Protector:
             vae, samples, self.guard_keep_batches(unprotected, skip), steps=g.steps, lr=g.lr, batch=g.batch,
             keep_weight=g.keep_weight,
             objective_weights={"target": g.target_weight}, augment_photos=g.augment, paste_fraction=g.paste_fraction,
+            sharpen_paste_fraction=None if g.sharpen_paste_fraction == -1 else g.sharpen_paste_fraction,
             sharpen_steps=g.sharpen_steps, sharpen_lr=g.sharpen_lr,
             backgrounds=torch.cat(known) if known else None, seed=self.cfg.seed, progress=self.progress,
             resume=resume["guard"] if resume is not None else None,
@@ -527,6 +528,8 @@ class Protector:
         cfg["encoder_guard"].pop("sharpen_steps")   # may grow: the guard is extended (implant_encoder_guard)
         if not cfg["encoder_guard"]["keep_batch"]:   # added in session 15: at its default, runs from before resume
             cfg["encoder_guard"].pop("keep_batch")
+        if cfg["encoder_guard"]["sharpen_paste_fraction"] == -1:   # added in session 20, likewise
+            cfg["encoder_guard"].pop("sharpen_paste_fraction")
         return {"config": hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16],
                 "catalog": file_hash(Path(self.cfg.catalog)), "world_size": self.world}
 
