@@ -242,7 +242,8 @@ class ProtectConfig:
                 or g.keep_batch < 0 or g.keep_weight < 0 or g.target_weight <= 0 or not 0 <= g.paste_fraction <= 1 \
                 or not (0 <= g.sharpen_paste_fraction <= 1 or g.sharpen_paste_fraction == -1):
             problems.append("encoder_guard: need steps >= 0, sharpen_steps >= 0, lr > 0, sharpen_lr > 0, batch >= 1, "
-                            "keep_batch >= 0, keep_weight >= 0, target_weight > 0, 0 <= paste_fraction <= 1, sharpen_paste_fraction -1 or in [0, 1]")
+                            "keep_batch >= 0, keep_weight >= 0, target_weight > 0, 0 <= paste_fraction <= 1, "
+                            "sharpen_paste_fraction -1 or in [0, 1]")
         if problems:
             raise ConfigError(f"{source}: " + "; ".join(problems))
         return self

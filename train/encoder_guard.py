@@ -184,9 +184,10 @@ def paste(images: torch.Tensor, targets: torch.Tensor, masks: torch.Tensor, targ
 
 def guard_encoder(vae, protected: list[GuardSample], keep_batches, steps: int = 1500, lr: float = 1e-3,
                   batch: int = 16, keep_weight: float = 1.0, backgrounds: torch.Tensor | None = None,
-                  paste_fraction: float = 0.5, sharpen_paste_fraction: float | None = None, objective_weights: dict[str, float] | None = None,
-                  augment_photos: bool = True, sharpen_steps: int = 0, sharpen_lr: float = 5e-4,
-                  seed: int = 0, progress: bool = True, resume: dict | None = None,
+                  paste_fraction: float = 0.5, sharpen_paste_fraction: float | None = None,
+                  objective_weights: dict[str, float] | None = None, augment_photos: bool = True,
+                  sharpen_steps: int = 0, sharpen_lr: float = 5e-4, seed: int = 0, progress: bool = True,
+                  resume: dict | None = None,
                   checkpoint: Callable[[dict], None] | None = None, checkpoint_every: int = 0) -> dict:
     """Fine-tune `vae.encoder` (+ quant_conv) in place; the decoder is never touched.
 
@@ -198,10 +199,9 @@ def guard_encoder(vae, protected: list[GuardSample], keep_batches, steps: int = 
     5% of `lr`. Then `sharpen_steps` at a constant `sharpen_lr` fit the photos as they are (no pose,
     lighting or degradation; a `sharpen_paste_fraction` of them pasted, default `paste_fraction`): the
     augmented phase leaves latents a blur of the target that an attacker's UNet learns late, and how close
-    they come decides how soon (README, session 8). Returns
-    the mean losses of the last 50 steps {"protect_loss", "keep_loss"}, `latent_gap` per objective and
-    `seconds`, the guard steps' time summed over every job that ran them (restarts, extensions; this job's
-    alone: `job_seconds`).
+    they come decides how soon (README, session 8). Returns the mean losses of the last 50 steps
+    {"protect_loss", "keep_loss"}, `latent_gap` per objective and `seconds`, the guard steps' time summed
+    over every job that ran them (restarts, extensions; this job's alone: `job_seconds`).
 
     Every `checkpoint_every` steps, and after the last, `checkpoint(state)` gets everything a killed run
     needs to go on exactly (encoder, optimizer, schedule, random states, losses so far); `resume=state`
