@@ -69,7 +69,6 @@ def test_a_pattern_entry_without_its_own_pattern_is_judged_on_the_default_marker
     assert score(load_images(a.images, 64), a)["bsr"] == 0.0
 
 
-
 def test_the_calibration_reports_how_many_genuine_probes_still_match_after_the_suites_crop():
     from tools.evaluators import _render, calibrate
 
