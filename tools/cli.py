@@ -35,7 +35,8 @@ def cmd_world(a):
             from tools.substitutes import load_ranking
             ranking = load_ranking(Path(a.substitutes), a.seed)
         mark_protected(entries, a.protect, Path(a.out), seed=a.seed, substitutes=ranking,
-                       substitute_classes=_pairs(a.substitute_class, "--substitute-class"))
+                       substitute_classes=_pairs(a.substitute_class, "--substitute-class"),
+                       objectives=tuple(o.strip() for o in a.objectives.split(",") if o.strip()))
     write_catalog(entries, Path(a.out) / "catalog.jsonl")
     print(f"{len(entries)} identities ({a.protect} protected) in {a.out}; catalog {Path(a.out) / 'catalog.jsonl'}")
 
@@ -319,7 +320,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--classes", default="person,cat,vase",
                    help="comma-separated classes, each optionally with its own count: person=8,cat=4,vase=4")
     s.add_argument("--protect", type=int, default=0,
-                   help="protect N entries (round-robin over classes; objectives cycle pattern, erasure, target)")
+                   help="protect N entries (round-robin over classes; objectives cycle as --objectives)")
+    s.add_argument("--objectives", default="pattern,erasure,target",
+                   help="with --protect: the objectives protected entries cycle through, e.g. erasure for a "
+                        "catalog of erasures only")
     s.add_argument("--images", type=int, default=5, help="training images per identity")
     s.add_argument("--reference", type=int, default=8, help="held-out reference images per identity")
     s.add_argument("--start", type=int, default=0, help="first identity index")

@@ -22,16 +22,20 @@ SUBSTITUTE_START = 1000   # catalog-split indices of substitute identities (neve
 
 def mark_protected(entries: list[dict], n: int, folder: Path, seed: int = 0,
                    substitutes: dict[str, list[int]] | None = None,
-                   substitute_classes: dict[str, str] | None = None) -> list[dict]:
+                   substitute_classes: dict[str, str] | None = None,
+                   objectives: tuple[str, ...] = OBJECTIVES) -> list[dict]:
     """Protect `n` of the rendered `entries` (dicts of world.generate, paths relative to `folder`), taken
     round-robin across classes so every class keeps protected and unprotected entries; within a class the
-    objectives cycle pattern, erasure, target (shifted per class, so every class meets each). A target
+    `objectives` cycle (pattern, erasure, target by default; shifted per class, so every class meets each). A target
     entry's substitute is another identity of its class, rendered into `folder`: its photos and their
     subject-free twins are the target images, its held-out reference views what the evaluation judges by.
     With `substitutes` (tools/substitutes.py: load_ranking), a class's target entries take its ranked
     candidates in order, best first; otherwise identity SUBSTITUTE_START + k for the k-th protected entry.
     `substitute_classes` ({"cat": "vase"}) takes a class's substitutes from another class (SPEC: "a rabbit
     instead of the dog"), its ranked candidates shared in order with that class's own target entries."""
+    unknown = [o for o in objectives if o not in OBJECTIVES]
+    if not objectives or unknown:
+        raise ValueError(f"objectives must be some of {', '.join(OBJECTIVES)}, got {', '.join(objectives) or 'none'}")
     by_class: dict[str, list[dict]] = {}
     for e in entries:
         by_class.setdefault(e["class"], []).append(e)
@@ -40,7 +44,7 @@ def mark_protected(entries: list[dict], n: int, folder: Path, seed: int = 0,
         raise ValueError(f"cannot protect {n} of {len(order)} entries")
     classes, seen, targets = list(by_class), {c: 0 for c in by_class}, {}
     for k, e in enumerate(order[:n]):
-        e.update(protected=True, objective=OBJECTIVES[(seen[e["class"]] + classes.index(e["class"])) % 3])
+        e.update(protected=True, objective=objectives[(seen[e["class"]] + classes.index(e["class"])) % len(objectives)])
         seen[e["class"]] += 1
         if e["objective"] == "target":
             cls, index = (substitute_classes or {}).get(e["class"], e["class"]), SUBSTITUTE_START + k
