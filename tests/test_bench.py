@@ -109,14 +109,18 @@ def _finished_run(folder, protected, unprotected, seconds, guard=None, bsr=1.0, 
     config = {"encoder_guard": {"steps": 800, "sharpen_steps": 800, "batch": 16}}
     (folder / "manifest.json").write_text(json.dumps({"config": config, "entries": {
         "protected": protected, "unprotected": unprotected}, "metrics": {"seconds": seconds, "encoder_guard": guard}}))
-    (folder / "eval").mkdir()
+    _evaluation(folder / "eval", bsr, identity, objectives)
+    return folder
+
+
+def _evaluation(folder, bsr=1.0, identity=0.0, objectives=None):
+    folder.mkdir()
     summary = {"protected": {"identity_match": identity,   # no erasure entry judged: None, not a failure
                              "bsr_by_objective": objectives or {"pattern": 1.0, "erasure": None, "target": bsr}},
                "unrelated": {"identity_match": 0.1}, "unprotected": {"fidelity_ratio": 1.0},
                "clean": {"seed_spread": {"within": True}}}
-    (folder / "eval" / "report.json").write_text(json.dumps({"suite": "demo", "n_samples": 32, "summary": summary,
-                                                             "attacks": [{"entry": "a"}, {"entry": "b"}]}))
-    return folder
+    (folder / "report.json").write_text(json.dumps({"suite": "demo", "n_samples": 32, "summary": summary,
+                                                    "attacks": [{"entry": "a"}, {"entry": "b"}]}))
 
 
 def test_catalog_cost_to_acceptance_counts_every_job_and_needs_both_sizes_accepted(tmp_path):
@@ -156,3 +160,18 @@ def test_catalog_cost_to_acceptance_counts_every_job_and_needs_both_sizes_accept
     (big / "eval" / "report.json").write_text("{oops")
     with pytest.raises(ValueError, match="c128/eval/report.json: not valid JSON"):
         time_to_acceptance([big])
+
+
+def test_a_run_is_accepted_only_if_every_attack_seed_it_was_evaluated_with_passed(tmp_path):
+    from tools.bench import acceptance_markdown, time_to_acceptance
+
+    lucky = _finished_run(tmp_path / "c1-short", 1, 0, 50.0, objectives={"erasure": 0.97})
+    _evaluation(lucky / "eval-seed1", objectives={"erasure": 0.88})
+    steady = _finished_run(tmp_path / "c1", 1, 0, 100.0, objectives={"erasure": 1.0})
+    _evaluation(steady / "eval-seed1", objectives={"erasure": 1.0})
+    big = _finished_run(tmp_path / "c128", 64, 64, 2000.0, objectives={"erasure": 0.98})   # one seed only
+    assert time_to_acceptance([lucky, steady, big])["catalog_cost_ratio_128_vs_1"] == 40.0   # seed 0 alone
+    t = time_to_acceptance([lucky, steady, big], evaluation="eval, eval-seed1")
+    assert [r["accepted"] for r in t["runs"]] == [False, True, True] and t["catalog_cost_ratio_128_vs_1"] == 20.0
+    assert t["runs"][0]["white_box"]["met"] and not t["runs"][0]["other_evaluations"]["eval-seed1"]["met"]
+    assert "met; eval-seed1: NOT met (BSR erasure 0.88)" in acceptance_markdown(t)

@@ -330,7 +330,11 @@ def guard_cost(config, overrides, catalog: Path, out: Path, steps: int, plain_s:
 def time_to_acceptance(runs: list[Path], evaluation: str = "eval") -> dict:
     """Catalog cost measured to acceptance, from finished protect runs: per run folder its manifest.json
     (entries, the job's seconds, the guard's seconds over every job that ran it) and its evaluation
-    RUN/`evaluation`/report.json, judged by tools.evaluate.white_box_verdict. `catalog_cost_ratio_128_vs_1`
+    RUN/`evaluation`/report.json, judged by tools.evaluate.white_box_verdict. `evaluation` may name more
+    folders, comma-separated ("eval,eval-seed1": the same model attacked with other seeds): the first is
+    required, the others are judged where a run has them, and a run is accepted only if every one it has
+    met the acceptance (one entry's single 32-sample draw passes by luck more often than a catalog's
+    many; README "Session 21"). `catalog_cost_ratio_128_vs_1`
     between the quickest runs of 1 and of 128 entries that met the acceptance; `cost_curve`, per catalog size
     with an accepted run, the quickest one's wall time (and over the 1-entry one's); `scaling_exponent`, the
     least-squares slope of log wall time over log entries through them (1: linear; 32x for 128 entries
@@ -340,9 +344,9 @@ def time_to_acceptance(runs: list[Path], evaluation: str = "eval") -> dict:
     ratio is over the quickest of all."""
     from tools.evaluate import white_box_verdict
 
-    rows = []
+    rows, first, *extra = [], *(e.strip() for e in evaluation.split(",") if e.strip())
     for run in map(Path, runs):
-        manifest, report = _read_json(run / "manifest.json"), _read_json(run / evaluation / "report.json")
+        manifest, report = _read_json(run / "manifest.json"), _read_json(run / first / "report.json")
         metrics, entries = manifest["metrics"], manifest["entries"]
         guard = metrics.get("encoder_guard") or {}
         earlier = max((guard.get("seconds") or 0.0) - (guard.get("job_seconds") or 0.0), 0.0)   # jobs before this one
@@ -353,9 +357,12 @@ def time_to_acceptance(runs: list[Path], evaluation: str = "eval") -> dict:
                         + manifest["config"]["encoder_guard"]["sharpen_steps"],
                         "guard_batch": manifest["config"]["encoder_guard"]["batch"],
                         "wall_s": metrics["seconds"] + earlier, "guard_s": guard.get("seconds"),
-                        "evaluation": str(run / evaluation / "report.json"), "suite": report["suite"],
+                        "evaluation": str(run / first / "report.json"), "suite": report["suite"],
                         "n_samples": report["n_samples"], "entries_evaluated": len({a["entry"] for a in report["attacks"]}),
-                        "white_box": white_box_verdict(report["summary"])})
+                        "white_box": white_box_verdict(report["summary"]),
+                        "other_evaluations": {name: white_box_verdict(_read_json(run / name / "report.json")["summary"])
+                                              for name in extra if (run / name / "report.json").is_file()}})
+        rows[-1]["accepted"] = all(v["met"] for v in [rows[-1]["white_box"], *rows[-1]["other_evaluations"].values()])
     fastest = _quickest_accepted(rows, lambda r: r["entries"])   # runs at several step budgets: the quickest
     ratio = fastest[128]["wall_s"] / fastest[1]["wall_s"] if 1 in fastest and 128 in fastest else None
     curve = [{"entries": n, "protected": r["protected"], "wall_s": r["wall_s"], "run": r["run"],
@@ -379,7 +386,7 @@ def _quickest_accepted(rows: list[dict], key) -> dict:
     best = {}
     for r in rows:
         k = key(r)
-        if k is not None and r["white_box"]["met"] and r["wall_s"] < best.get(k, {"wall_s": float("inf")})["wall_s"]:
+        if k is not None and r["accepted"] and r["wall_s"] < best.get(k, {"wall_s": float("inf")})["wall_s"]:
             best[k] = r
     return best
 
@@ -403,6 +410,9 @@ def acceptance_markdown(t: dict) -> str:
         bsr = ", ".join(f"{k} {_fmt(x)}" for k, x in v["bsr_by_objective"].items())
         failed = [k for k, ok in v["checks"].items() if ok is False]
         verdict = "met" if v["met"] else "NOT met: " + (", ".join(failed) or "BSR not measured")
+        for name, other in r["other_evaluations"].items():
+            verdict += f"; {name}: " + ("met" if other["met"] else "NOT met (BSR " + ", ".join(
+                f"{k} {_fmt(x)}" for k, x in other["bsr_by_objective"].items()) + ")")
         lines.append(f"| {r['entries']} | {r['protected']} | {r['guard_steps']} x {r['guard_batch']} | {r['wall_s']:.0f} | "
                      f"{r['entries_evaluated']} ({r['suite']}, {r['n_samples']}) | {bsr} | {verdict} |")
     if t["cost_curve"]:

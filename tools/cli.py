@@ -528,7 +528,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="protect run folders (manifest.json + RUN/EVALUATION/report.json), e.g. runs/c1 runs/c128: "
                         "OUT/acceptance.{json,md}, catalog_cost_ratio_128_vs_1 to the white-box acceptance (also "
                         "folded into OUT/bench.json where one is there)")
-    t.add_argument("--evaluation", default="eval", help="each run's evaluation folder (persguard evaluate --out)")
+    t.add_argument("--evaluation", default="eval",
+                   help="each run's evaluation folder (persguard evaluate --out); comma-separated, more folders of "
+                        "the same model attacked with other seeds, judged where a run has them: all must pass")
     g = s.add_argument_group("SDXL-scale step (--sdxl, tools/bench_sdxl.py; --steps/--warmup/--out as above)")
     g.add_argument("--sdxl", action="store_true", help="time one training step of the real SDXL UNet instead")
     from tools.bench_sdxl import add_arguments
