@@ -344,7 +344,10 @@ def time_to_acceptance(runs: list[Path], evaluation: str = "eval") -> dict:
     ratio is over the quickest of all."""
     from tools.evaluate import white_box_verdict
 
-    rows, first, *extra = [], *(e.strip() for e in evaluation.split(",") if e.strip())
+    names = [e.strip() for e in evaluation.split(",") if e.strip()]
+    if not names:
+        raise ValueError(f"evaluation {evaluation!r}: name at least one evaluation folder")
+    rows, (first, *extra) = [], names
     for run in map(Path, runs):
         manifest, report = _read_json(run / "manifest.json"), _read_json(run / first / "report.json")
         metrics, entries = manifest["metrics"], manifest["entries"]
