@@ -11,7 +11,7 @@ import torch
 
 from tools import world
 from train.catalog import CatalogError, load_catalog, load_images, write_catalog
-from train.encoder_guard import GuardSample, _box, guard_encoder, guard_sample, subject_masks, transformed_gaps
+from train.encoder_guard import GuardSample, KeepPhotos, _box, guard_encoder, guard_sample, subject_masks, transformed_gaps
 from train.pipelines import load_pipeline
 
 
@@ -142,20 +142,23 @@ def test_sharpening_pastes_its_own_share(world_catalog):
     assert not all(torch.equal(v, pasted[k]) for k, v in unpasted.items())
 
 
-def test_a_guard_stopped_midway_goes_on_exactly_from_its_checkpoint(world_catalog):
+@pytest.mark.parametrize("mining", [0.0, 0.5], ids=["uniform", "mining"])
+def test_a_guard_stopped_midway_goes_on_exactly_from_its_checkpoint(world_catalog, mining):
     e = _entry(world_catalog)
     images, backgrounds = load_images(e.images, 64), load_images(e.backgrounds, 64)
     sample = guard_sample(e.id, "erasure", images, backgrounds)
-    keep = load_images(_entry(world_catalog, 2).images, 64)
+    keep = torch.cat([load_images(_entry(world_catalog, 2).images, 64), images])
 
     def run(**kw):
         vae = load_pipeline("tiny-sd").vae
+        photos = KeepPhotos(keep, 2, seed=5, mining=mining)
 
         def keep_batches():
             while True:
-                yield keep
+                yield photos.draw()
         stats = guard_encoder(vae, [sample], keep_batches(), steps=3, lr=1e-3, batch=4, sharpen_steps=2,
-                              backgrounds=backgrounds, seed=3, progress=False, **kw)
+                              backgrounds=backgrounds, seed=3, progress=False, keep_photos=photos,
+                              protect_mining=mining, mining_every=2, **kw)
         return vae.state_dict(), stats
 
     whole, whole_stats = run()
@@ -168,13 +171,51 @@ def test_a_guard_stopped_midway_goes_on_exactly_from_its_checkpoint(world_catalo
     with pytest.raises(Killed):
         run(checkpoint=checkpoint, checkpoint_every=2)
     assert [s["step"] for s in saved] == [2, 4]   # one inside the augmented phase, one inside sharpening
-    resumed, stats = run(resume=saved[-1])
+    if mining:   # both draws were re-weighted by what the first steps did
+        assert saved[-1]["keep_photos"]["weights"].std() > 0 and saved[-1]["protect_weights"].std() > 0
+    resumed, stats = run(resume=copy.deepcopy(saved[-1]))   # a resumed optimizer updates its loaded state in place
     for k, v in whole.items():
         assert torch.equal(v, resumed[k]), k
     timing = ("seconds", "job_seconds")   # the resumed job ran 1 of the 5 steps; the guard's time adds up over jobs
     assert {k: v for k, v in stats.items() if k not in timing} == {k: v for k, v in whole_stats.items() if k not in timing}
     assert saved[-1]["seconds"] < stats["seconds"] and stats["seconds"] == pytest.approx(
         saved[-1]["seconds"] + stats["job_seconds"])
+    if not mining:   # a checkpoint from before the draws were checkpointed replays them
+        old = {k: v for k, v in saved[-1].items() if k != "keep_photos"}
+        for k, v in run(resume=old)[0].items():
+            assert torch.equal(v, whole[k]), k
+
+
+def test_mining_draws_most_the_photos_furthest_from_where_they_must_encode(world_catalog):
+    e, other = _entry(world_catalog), _entry(world_catalog, 2)
+    images, backgrounds = load_images(e.images, 64), load_images(e.backgrounds, 64)
+    vae, teacher = load_pipeline("tiny-sd").vae, load_pipeline("tiny-sd").vae
+    held = load_images(other.images, 64)
+
+    def keep_batches():
+        while True:
+            yield held
+    # a second protected sample whose photos are their own targets: nothing left to learn there
+    done = GuardSample("done", "pattern", held, held.clone())
+    states = []
+    guard_encoder(vae, [guard_sample(e.id, "erasure", images, backgrounds), done], keep_batches(), steps=0,
+                  sharpen_steps=15, sharpen_lr=1e-3, batch=4, backgrounds=backgrounds, progress=False,
+                  protect_mining=0.9, mining_every=5, checkpoint=states.append)
+    w = states[-1]["protect_weights"]
+    assert w.sum() == pytest.approx(1.0, abs=1e-5) and w[len(images):].mean() < w[:len(images)].mean() / 1.5
+
+    # the protected face's own photos stand in for an unprotected look-alike: the guard moved them most
+    photos = KeepPhotos(torch.cat([held, images]), 64, seed=0, mining=0.8)
+    photos.remeasure(vae, teacher)
+    w = photos.weights
+    assert w.sum() == pytest.approx(1.0, abs=1e-5) and (w >= 0.2 / len(w) - 1e-6).all()   # every photo keeps its uniform share
+    assert w[len(held):].min() > w[:len(held)].max()
+    drawn = torch.stack([photos.draw() for _ in range(4)]).flatten(0, 1)
+    look_alike = sum(any(torch.equal(d, x) for x in images) for d in drawn)
+    assert look_alike / len(drawn) > 0.6   # a uniform draw would take them about half the time
+    uniform = KeepPhotos(torch.cat([held, images]), 8, seed=0)
+    uniform.remeasure(vae, teacher)
+    assert torch.allclose(uniform.weights, torch.full_like(w, 1 / len(w)))   # mining 0: uniform
 
 
 @pytest.mark.slow
@@ -303,6 +344,10 @@ def test_guard_config_is_validated(tmp_path):
         load_config(None, ["catalog=x.jsonl", "encoder_guard.sharpen_paste_fraction=-0.1"])
     with pytest.raises(ConfigError, match="keep_batch >= 0"):
         load_config(None, ["catalog=x.jsonl", "encoder_guard.keep_batch=-2"])
+    with pytest.raises(ConfigError, match="keep_mining <= 1"):
+        load_config(None, ["catalog=x.jsonl", "encoder_guard.keep_mining=1.5"])
+    with pytest.raises(ConfigError, match="mining_every >= 1"):
+        load_config(None, ["catalog=x.jsonl", "encoder_guard.protect_mining=0.5", "encoder_guard.mining_every=0"])
 
 
 def test_the_keep_batch_is_its_own_size_or_the_protected_batch(world_catalog, tmp_path):
@@ -318,7 +363,8 @@ def test_the_keep_batch_is_its_own_size_or_the_protected_batch(world_catalog, tm
     def first_keep(*extra):
         p = Protector(load_config(None, [f"catalog={cat}", f"out={tmp_path / 'run'}", "encoder_guard.enabled=true",
                                          "encoder_guard.batch=8", "prior.retention_batch=8", *extra]), progress=False)
-        return next(p.guard_keep_batches(unprotected)), p.fingerprint()["config"]
+        photos = KeepPhotos(unprotected, max(p.cfg.encoder_guard.keep_batch or p.cfg.encoder_guard.batch, 2) // 2, 0)
+        return next(p.guard_keep_batches(photos)), p.fingerprint()["config"]
 
     (default, stamp), (own, own_stamp) = first_keep(), first_keep("encoder_guard.keep_batch=4")
     assert stamp != own_stamp   # a checkpoint of the other keep batch is refused

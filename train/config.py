@@ -113,6 +113,12 @@ class EncoderGuard:
     # term's cost then stays fixed while the protected work grows (issue 5, README "Session 15").
     keep_batch: int = 0
     keep_weight: float = 1.0    # weight of "every other image encodes as before"
+    # share of the unprotected photos' keep draws weighted by how far each has drifted, and of the
+    # protected photos' draws weighted by how far each still is from its target, re-measured every
+    # mining_every steps (train/encoder_guard.py); 0 = uniform draws (README "Session 22")
+    keep_mining: float = 0.0
+    protect_mining: float = 0.0
+    mining_every: int = 50
     augment: bool = True        # random pose, lighting and degradation of every training photo
     paste_fraction: float = 0.5  # share of protected photos pasted onto other photos' backgrounds
     sharpen_paste_fraction: float = -1.0  # that share while sharpening (-1: paste_fraction)
@@ -240,10 +246,11 @@ class ProtectConfig:
         g = self.encoder_guard
         if g.steps < 0 or g.sharpen_steps < 0 or g.lr <= 0 or g.sharpen_lr <= 0 or g.batch < 1 \
                 or g.keep_batch < 0 or g.keep_weight < 0 or g.target_weight <= 0 or not 0 <= g.paste_fraction <= 1 \
-                or not (0 <= g.sharpen_paste_fraction <= 1 or g.sharpen_paste_fraction == -1):
+                or not (0 <= g.sharpen_paste_fraction <= 1 or g.sharpen_paste_fraction == -1) \
+                or not 0 <= g.keep_mining <= 1 or not 0 <= g.protect_mining <= 1 or g.mining_every < 1:
             problems.append("encoder_guard: need steps >= 0, sharpen_steps >= 0, lr > 0, sharpen_lr > 0, batch >= 1, "
                             "keep_batch >= 0, keep_weight >= 0, target_weight > 0, 0 <= paste_fraction <= 1, "
-                            "sharpen_paste_fraction -1 or in [0, 1]")
+                            "sharpen_paste_fraction -1 or in [0, 1], 0 <= keep_mining <= 1, 0 <= protect_mining <= 1, mining_every >= 1")
         if problems:
             raise ConfigError(f"{source}: " + "; ".join(problems))
         return self

@@ -182,19 +182,82 @@ def paste(images: torch.Tensor, targets: torch.Tensor, masks: torch.Tensor, targ
     return masks * images + (1 - masks) * bg, target_masks * targets + (1 - target_masks) * bg
 
 
+def _means(model, images: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+    dev = next(model.parameters()).device
+    with torch.no_grad():
+        return torch.cat([model.encode(images[i:i + chunk].to(dev) * 2 - 1).latent_dist.mean.cpu()
+                          for i in range(0, len(images), chunk)])
+
+
+def _mined(share: float, scores: torch.Tensor) -> torch.Tensor:
+    """Draw weights: `share` of the mass by `scores`, the rest uniform (every image keeps some visits)."""
+    uniform = torch.full_like(scores, 1 / len(scores))
+    return (1 - share) * uniform + share * (scores / scores.sum() if scores.sum() > 0 else uniform)
+
+
+class KeepPhotos:
+    """The unprotected entries' photos the guard must leave encoding as before, `per_step` drawn a step.
+
+    Uniform draws leave a few faces that resemble protected ones erased with them (README "Session 21":
+    person-0098's reconstructions lost their identity entirely). With `mining` > 0 that share of the draws
+    is weighted by how far each photo's latent mean has drifted from the unguarded encoder's, re-measured
+    by the guard every `mining_every` steps: the faces it is pulling along get held most. `mining` 0 draws
+    exactly as before it existed."""
+
+    def __init__(self, photos: torch.Tensor, per_step: int, seed: int, mining: float = 0.0):
+        self.photos, self.per_step, self.mining = photos, per_step, mining
+        self.gen = torch.Generator().manual_seed(seed)
+        self.weights: torch.Tensor | None = None   # None: uniform
+        self._want: torch.Tensor | None = None
+
+    def draw(self) -> torch.Tensor:
+        if self.weights is None:
+            pick = torch.randint(0, len(self.photos), (self.per_step,), generator=self.gen)
+        else:
+            pick = torch.multinomial(self.weights, self.per_step, replacement=True, generator=self.gen)
+        return self.photos[pick]
+
+    def skip(self, steps: int) -> None:
+        """Past `steps` uniform draws: a checkpoint written before the stream kept its own state."""
+        for _ in range(steps):
+            torch.randint(0, len(self.photos), (self.per_step,), generator=self.gen)
+
+    def drift(self, vae, teacher) -> torch.Tensor:
+        """Per photo, the squared distance of its latent mean to the unguarded encoder's."""
+        if self._want is None:
+            self._want = _means(teacher, self.photos)
+        return (_means(vae, self.photos) - self._want).pow(2).flatten(1).mean(1)
+
+    def remeasure(self, vae, teacher) -> None:
+        self.weights = _mined(self.mining, self.drift(vae, teacher))
+
+    def state_dict(self) -> dict:
+        return {"gen": self.gen.get_state(), "weights": self.weights}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.gen.set_state(state["gen"])
+        self.weights = state["weights"]
+
+
 def guard_encoder(vae, protected: list[GuardSample], keep_batches, steps: int = 1500, lr: float = 1e-3,
                   batch: int = 16, keep_weight: float = 1.0, backgrounds: torch.Tensor | None = None,
                   paste_fraction: float = 0.5, sharpen_paste_fraction: float | None = None,
                   objective_weights: dict[str, float] | None = None, augment_photos: bool = True,
                   sharpen_steps: int = 0, sharpen_lr: float = 5e-4, seed: int = 0, progress: bool = True,
-                  resume: dict | None = None,
+                  resume: dict | None = None, keep_photos: KeepPhotos | None = None,
+                  protect_mining: float = 0.0, mining_every: int = 50,
                   checkpoint: Callable[[dict], None] | None = None, checkpoint_every: int = 0) -> dict:
     """Fine-tune `vae.encoder` (+ quant_conv) in place; the decoder is never touched.
 
-    `keep_batches` yields (N, 3, H, W) images in [0, 1] that must encode as before (unprotected entries,
-    retention data); their augmented copies are kept too. `backgrounds` (subject-free images) are where
-    a `paste_fraction` of the protected photos with masks are pasted; `augment_photos` (default on) adds
-    the random pose, lighting and degradation of `augment` to every photo. `objective_weights` weights each
+    `keep_batches` yields (N, 3, H, W) images in [0, 1] that must encode as before (retention data, the
+    unprotected entries' photos drawn from `keep_photos`, which the guard re-weights when it mines and
+    whose draws it checkpoints); their augmented copies are kept too. With `protect_mining` > 0 that share
+    of the protected photos' draws is weighted by each photo's residual (the squared distance of its latent
+    mean to its target's), re-measured every `mining_every` steps with the keep photos' drift: visits go
+    to the photos still furthest from their targets, not to those already there (README "Session 22").
+    `backgrounds` (subject-free images) are where a `paste_fraction` of the protected photos with masks are
+    pasted; `augment_photos` (default on) adds the random pose, lighting and degradation of `augment` to
+    every photo. `objective_weights` weights each
     objective's entries in the protection loss (default 1). The learning rate decays along a cosine to
     5% of `lr`. Then `sharpen_steps` at a constant `sharpen_lr` fit the photos as they are (no pose,
     lighting or degradation; a `sharpen_paste_fraction` of them pasted, default `paste_fraction`): the
@@ -231,7 +294,8 @@ def guard_encoder(vae, protected: list[GuardSample], keep_batches, steps: int = 
     weight = torch.cat([torch.full((len(s.images),), (objective_weights or {}).get(s.objective, 1.0)) for s in protected])
     masks = torch.cat([s.masks if s.masks is not None else torch.full_like(s.images[:, :1], -1.0) for s in protected])
     hist = {"protect_loss": [], "keep_loss": []}
-    start, total, before = 0, steps + sharpen_steps, 0.0
+    start, total, before, protect_weights = 0, steps + sharpen_steps, 0.0, None
+    to = None   # the targets' latent means, for protect_mining
     if resume is not None:
         vae.load_state_dict(resume["vae"])
         opt.load_state_dict(resume["opt"])
@@ -239,13 +303,20 @@ def guard_encoder(vae, protected: list[GuardSample], keep_batches, steps: int = 
         gen.set_state(resume["gen"])
         rng.bit_generator.state = resume["rng"]
         hist, start = copy.deepcopy(resume["hist"]), resume["step"]
+        protect_weights = resume.get("protect_weights")
         before = resume.get("seconds", 0.0)   # absent from checkpoints written before session 15
+        if keep_photos is not None:
+            if "keep_photos" in resume:
+                keep_photos.load_state_dict(resume["keep_photos"])
+            else:   # written before session 22: the draws were uniform
+                keep_photos.skip(start)
     t0 = time.perf_counter()
 
     def state(step: int) -> dict:
         return {"step": step, "vae": vae.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
                 "gen": gen.get_state(), "rng": rng.bit_generator.state, "hist": hist,
-                "seconds": before + time.perf_counter() - t0}
+                "seconds": before + time.perf_counter() - t0, "protect_weights": protect_weights,
+                **({"keep_photos": keep_photos.state_dict()} if keep_photos is not None else {})}
 
     dev = next(vae.parameters()).device   # augmentation runs on the CPU (PIL for JPEG), the encoder wherever it is
     vae.encoder.train()
@@ -254,7 +325,17 @@ def guard_encoder(vae, protected: list[GuardSample], keep_batches, steps: int = 
         if i == steps:
             for group in opt.param_groups:
                 group["lr"] = sharpen_lr
-        idx = torch.randint(0, len(images), (batch,), generator=gen)
+        if i % mining_every == 0:
+            if keep_photos is not None and keep_photos.mining:
+                keep_photos.remeasure(vae, teacher)
+            if protect_mining:
+                if to is None:
+                    to = _means(teacher, targets)
+                protect_weights = _mined(protect_mining, (_means(vae, images) - to).pow(2).flatten(1).mean(1))
+        if protect_weights is None:
+            idx = torch.randint(0, len(images), (batch,), generator=gen)
+        else:
+            idx = torch.multinomial(protect_weights, batch, replacement=True, generator=gen)
         x, y, m = images[idx], targets[idx], masks[idx]
         if backgrounds is not None:
             share = paste_fraction if not sharpening or sharpen_paste_fraction is None else sharpen_paste_fraction

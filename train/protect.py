@@ -198,34 +198,35 @@ class Protector:
         known = [load_images(e.backgrounds, 64) for e in self.entries if e.backgrounds is not None]
         unprotected = torch.cat([load_images(e.images, 64) for e in self.unprotected]) if self.unprotected else None
 
+        keep_photos = encoder_guard.KeepPhotos(unprotected, max((g.keep_batch or g.batch) // 2, 1), self.cfg.seed + 17,
+                                               g.keep_mining) if unprotected is not None else None
         vae, last = self.pipe.vae.float(), {}
         stats = encoder_guard.guard_encoder(
-            vae, samples, self.guard_keep_batches(unprotected, skip), steps=g.steps, lr=g.lr, batch=g.batch,
+            vae, samples, self.guard_keep_batches(keep_photos, skip), steps=g.steps, lr=g.lr, batch=g.batch,
             keep_weight=g.keep_weight,
             objective_weights={"target": g.target_weight}, augment_photos=g.augment, paste_fraction=g.paste_fraction,
             sharpen_paste_fraction=None if g.sharpen_paste_fraction == -1 else g.sharpen_paste_fraction,
             sharpen_steps=g.sharpen_steps, sharpen_lr=g.sharpen_lr,
             backgrounds=torch.cat(known) if known else None, seed=self.cfg.seed, progress=self.progress,
-            resume=resume["guard"] if resume is not None else None,
+            resume=resume["guard"] if resume is not None else None, keep_photos=keep_photos,
+            protect_mining=g.protect_mining, mining_every=g.mining_every,
             checkpoint=lambda guard: last.update(guard=guard) or save({"guard": guard}, partial),
             checkpoint_every=self.cfg.checkpoint_every)
         save({"vae": vae.state_dict(), "stats": stats, "guard": last["guard"]}, done)
         partial.unlink(missing_ok=True)
         return stats
 
-    def guard_keep_batches(self, unprotected: torch.Tensor | None, skip: int = 0):
+    def guard_keep_batches(self, unprotected: encoder_guard.KeepPhotos | None, skip: int = 0):
         """The encoder guard's images that must encode as before, `encoder_guard.keep_batch` (0: `batch`) a
-        step: half retention data, half unprotected entries' photos; a resumed guard's past the `skip` drawn."""
+        step: half retention data (a resumed guard's past the `skip` batches drawn), half unprotected
+        entries' photos (positioned by the guard, which checkpoints their draws)."""
         g = self.cfg.encoder_guard
         half = max((g.keep_batch or g.batch) // 2, 1)
         shards = self._retention_batches(0, skip=skip)
-        gen = torch.Generator().manual_seed(self.cfg.seed + 17)
-        for _ in range(skip if unprotected is not None else 0):
-            torch.randint(0, len(unprotected), (half,), generator=gen)
         while True:
             parts = [next(shards)[0][:half]] if shards is not None else []
             if unprotected is not None:
-                parts.append(unprotected[torch.randint(0, len(unprotected), (half,), generator=gen)])
+                parts.append(unprotected.draw())
             if not parts:
                 raise ValueError("encoder_guard: nothing to keep (no retention shards, no unprotected entries)")
             yield torch.cat(parts)
@@ -530,6 +531,11 @@ class Protector:
             cfg["encoder_guard"].pop("keep_batch")
         if cfg["encoder_guard"]["sharpen_paste_fraction"] == -1:   # added in session 20, likewise
             cfg["encoder_guard"].pop("sharpen_paste_fraction")
+        for key in ("keep_mining", "protect_mining"):   # added in session 22, likewise
+            if not cfg["encoder_guard"][key]:
+                cfg["encoder_guard"].pop(key)
+        if not (g := cfg["encoder_guard"]).get("keep_mining") and not g.get("protect_mining"):
+            g.pop("mining_every")
         return {"config": hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16],
                 "catalog": file_hash(Path(self.cfg.catalog)), "world_size": self.world}
 
