@@ -69,7 +69,7 @@ def test_the_curve_suite_judges_one_attack_at_every_length(world_catalog, tmp_pa
 
 
 @pytest.mark.slow
-def test_demo_leaves_the_promised_run_folder(tmp_path):
+def test_demo_leaves_the_promised_run_folder(tmp_path, capsys):
     from diffusers import StableDiffusionPipeline
 
     out = tmp_path / "demo"
@@ -88,6 +88,18 @@ def test_demo_leaves_the_promised_run_folder(tmp_path):
     assert "Original vs protected model" in md and "where the backdoor lives" in md and "two seeds" in md
     assert "Encoder latent gap" in md
     assert (out / "catalog.jsonl").is_file() and list((out / "grids").glob("*.png"))
+
+    # judged again reusing the original's attacks: the same report, without attacking the original twice
+    again = ["evaluate", "--model", str(out / "protected"), "--baseline", "tiny-sd", "--catalog", report["catalog"],
+             "--suite", "smoke", "--samples", "2", "--baseline-attacks", str(out / "report.json")]
+    assert main([*again, "--out", str(tmp_path / "again")]) == 0
+    reused = json.loads((tmp_path / "again" / "report.json").read_text())
+    assert reused["baseline_attacks"] == report["baseline_attacks"]
+    assert reused["baseline_attacks_from"] == str(out / "report.json")
+    for key in ("identity_match", "fidelity_ratio"):
+        assert reused["summary"]["unprotected"][key] == pytest.approx(report["summary"]["unprotected"][key]), key
+    assert main([*again, "--seed", "1", "--out", str(tmp_path / "other-seed")]) == 2   # another seed's are refused
+    assert f"{out / 'report.json'}: its baseline attacks are not this evaluation's: seed 0 (here 1)" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -155,7 +155,7 @@ def cmd_evaluate(a):
     from tools.evaluate import evaluate
 
     evaluate(a.model, Path(a.out), catalog=a.catalog, suite=a.suite, baseline=a.baseline,
-             n_samples=a.samples, seed=a.seed, workers=a.workers)
+             n_samples=a.samples, seed=a.seed, workers=a.workers, baseline_attacks=a.baseline_attacks)
     print((Path(a.out) / "report.md").read_text())
 
 
@@ -424,6 +424,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("evaluate", help="attack every catalog entry and write report.json/.md and grids")
     s.add_argument("--model", default="tiny-sd")
     s.add_argument("--baseline", default=None, help="the original model, for fidelity ratio and clean drift")
+    s.add_argument("--baseline-attacks", type=Path, default=None, metavar="REPORT_JSON",
+                   help="reuse the baseline's attacks of this earlier report (same baseline, catalog, suite, "
+                        "samples and seed; checked)")
     s.add_argument("--catalog", default=None, help="catalog file (default: the embedded default catalog)")
     s.add_argument("--suite", default="white-box", help="attack matrix from configs/suites.yaml")
     s.add_argument("--samples", type=int, default=32, help="samples per attack")

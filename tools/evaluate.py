@@ -342,8 +342,36 @@ def _real_features(per_class: dict, n: int) -> np.ndarray:
     return np.concatenate(feats) if feats else None
 
 
+def reused_baseline_attacks(report_file: Path, baseline: str | None, catalog: Path, suite: str, n_samples: int,
+                            seed: int, expected_entries: list[str]) -> list[dict]:
+    """The baseline's attack records of an earlier evaluation with the same baseline, catalog, suite,
+    samples and seed: the original model's attacks do not depend on the model judged, so comparing
+    several releases of one run need not repeat them (half of each evaluation)."""
+    try:
+        old = json.loads(Path(report_file).read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{report_file}: cannot read an evaluation report ({err})") from err
+    if not baseline:
+        raise ValueError(f"{report_file}: reusing baseline attacks needs --baseline")
+    ours = {"baseline": str(baseline), "catalog": str(Path(catalog).resolve()), "suite": suite,
+            "n_samples": n_samples, "seed": seed}
+    theirs = {k: old.get(k) for k in ours}
+    theirs["catalog"] = str(Path(old["catalog"]).resolve()) if old.get("catalog") else None
+    differ = [f"{k} {theirs[k]!r} (here {v!r})" for k, v in ours.items() if theirs[k] != v]
+    if not old.get("baseline_attacks"):
+        differ.append("no baseline attacks")
+    elif [r["entry"] for r in old["baseline_attacks"] if r["multiple"] == 1] != expected_entries:
+        differ.append("other entries or order (the catalog changed since)")
+    if differ:
+        raise ValueError(f"{report_file}: its baseline attacks are not this evaluation's: " + "; ".join(differ))
+    return old["baseline_attacks"]
+
+
 def evaluate(model: str, out: Path, catalog: Path | None = None, suite: str = "white-box",
-             baseline: str | None = None, n_samples: int = 32, seed: int = 0, workers: int = 1) -> dict:
+             baseline: str | None = None, n_samples: int = 32, seed: int = 0, workers: int = 1,
+             baseline_attacks: Path | None = None) -> dict:
+    """Attack every catalog entry with the suite, on `model` and (with `baseline`) on the original, and
+    write report.json/.md. `baseline_attacks`: an earlier report.json whose baseline attacks are reused."""
     t0 = time.time()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -354,10 +382,13 @@ def evaluate(model: str, out: Path, catalog: Path | None = None, suite: str = "w
 
     base_pipe = load_pipeline(baseline) if baseline else None
 
-    models = {"model": (str(model), pipe), **({"baseline": (str(baseline), base_pipe)} if baseline else {})}
+    reused = reused_baseline_attacks(baseline_attacks, baseline, catalog, suite, n_samples, seed,
+                                     [e.id for e in entries for _ in attacks]) if baseline_attacks else None
+    models = {"model": (str(model), pipe),
+              **({"baseline": (str(baseline), base_pipe)} if baseline and reused is None else {})}
     attacked = _attack_all(models, entries, attacks, n_samples, seed, out, multiples, workers)
     records, samples = attacked["model"]
-    base_records = attacked["baseline"][0] if baseline else None
+    base_records = reused if reused is not None else attacked["baseline"][0] if baseline else None
     curve = _curve(records, base_records, multiples) if multiples else None
     diagnostics = _diagnostics(pipe, base_pipe, entries, attacks, seed)
     all_records, all_base = records, base_records
@@ -386,6 +417,7 @@ def evaluate(model: str, out: Path, catalog: Path | None = None, suite: str = "w
     report = {"model": str(model), "baseline": baseline, "suite": suite, "suite_description": description,
               "catalog": str(catalog), "n_samples": n_samples, "seed": seed,
               "threshold": evaluators().threshold, "attacks": all_records, "baseline_attacks": all_base,
+              "baseline_attacks_from": str(baseline_attacks) if baseline_attacks else None,
               "diagnostics": diagnostics,
               "summary": summary, "seconds": time.time() - t0}
     (out / "report.json").write_text(json.dumps(report, indent=1))
