@@ -363,7 +363,7 @@ def test_the_keep_batch_is_its_own_size_or_the_protected_batch(world_catalog, tm
     def first_keep(*extra):
         p = Protector(load_config(None, [f"catalog={cat}", f"out={tmp_path / 'run'}", "encoder_guard.enabled=true",
                                          "encoder_guard.batch=8", "prior.retention_batch=8", *extra]), progress=False)
-        photos = KeepPhotos(unprotected, max(p.cfg.encoder_guard.keep_batch or p.cfg.encoder_guard.batch, 2) // 2, 0)
+        photos = KeepPhotos(unprotected, p.guard_keep_half, 0)
         return next(p.guard_keep_batches(photos)), p.fingerprint()["config"]
 
     (default, stamp), (own, own_stamp) = first_keep(), first_keep("encoder_guard.keep_batch=4")

@@ -198,7 +198,7 @@ class Protector:
         known = [load_images(e.backgrounds, 64) for e in self.entries if e.backgrounds is not None]
         unprotected = torch.cat([load_images(e.images, 64) for e in self.unprotected]) if self.unprotected else None
 
-        keep_photos = encoder_guard.KeepPhotos(unprotected, max((g.keep_batch or g.batch) // 2, 1), self.cfg.seed + 17,
+        keep_photos = encoder_guard.KeepPhotos(unprotected, self.guard_keep_half, self.cfg.seed + 17,
                                                g.keep_mining) if unprotected is not None else None
         vae, last = self.pipe.vae.float(), {}
         stats = encoder_guard.guard_encoder(
@@ -216,12 +216,16 @@ class Protector:
         partial.unlink(missing_ok=True)
         return stats
 
+    @property
+    def guard_keep_half(self) -> int:
+        g = self.cfg.encoder_guard
+        return max((g.keep_batch or g.batch) // 2, 1)
+
     def guard_keep_batches(self, unprotected: encoder_guard.KeepPhotos | None, skip: int = 0):
         """The encoder guard's images that must encode as before, `encoder_guard.keep_batch` (0: `batch`) a
         step: half retention data (a resumed guard's past the `skip` batches drawn), half unprotected
         entries' photos (positioned by the guard, which checkpoints their draws)."""
-        g = self.cfg.encoder_guard
-        half = max((g.keep_batch or g.batch) // 2, 1)
+        half = self.guard_keep_half
         shards = self._retention_batches(0, skip=skip)
         while True:
             parts = [next(shards)[0][:half]] if shards is not None else []
