@@ -189,6 +189,13 @@ def _means(model, images: torch.Tensor, chunk: int = 64) -> torch.Tensor:
                           for i in range(0, len(images), chunk)])
 
 
+def _draw(n: int, k: int, weights: torch.Tensor | None, gen: torch.Generator) -> torch.Tensor:
+    """`k` indices into `n` items: uniform, or by `weights` where mining set them."""
+    if weights is None:
+        return torch.randint(0, n, (k,), generator=gen)
+    return torch.multinomial(weights, k, replacement=True, generator=gen)
+
+
 def _mined(share: float, scores: torch.Tensor) -> torch.Tensor:
     """Draw weights: `share` of the mass by `scores`, the rest uniform (every image keeps some visits)."""
     uniform = torch.full_like(scores, 1 / len(scores))
@@ -211,11 +218,7 @@ class KeepPhotos:
         self._want: torch.Tensor | None = None
 
     def draw(self) -> torch.Tensor:
-        if self.weights is None:
-            pick = torch.randint(0, len(self.photos), (self.per_step,), generator=self.gen)
-        else:
-            pick = torch.multinomial(self.weights, self.per_step, replacement=True, generator=self.gen)
-        return self.photos[pick]
+        return self.photos[_draw(len(self.photos), self.per_step, self.weights, self.gen)]
 
     def skip(self, steps: int) -> None:
         """Past `steps` uniform draws: a checkpoint written before the stream kept its own state."""
@@ -257,12 +260,11 @@ def guard_encoder(vae, protected: list[GuardSample], keep_batches, steps: int = 
     to the photos still furthest from their targets, not to those already there (README "Session 22").
     `backgrounds` (subject-free images) are where a `paste_fraction` of the protected photos with masks are
     pasted; `augment_photos` (default on) adds the random pose, lighting and degradation of `augment` to
-    every photo. `objective_weights` weights each
-    objective's entries in the protection loss (default 1). The learning rate decays along a cosine to
-    5% of `lr`. Then `sharpen_steps` at a constant `sharpen_lr` fit the photos as they are (no pose,
-    lighting or degradation; a `sharpen_paste_fraction` of them pasted, default `paste_fraction`): the
-    augmented phase leaves latents a blur of the target that an attacker's UNet learns late, and how close
-    they come decides how soon (README, session 8). Returns the mean losses of the last 50 steps
+    every photo. `objective_weights` weights each objective's entries in the protection loss (default 1).
+    The learning rate decays along a cosine to 5% of `lr`. Then `sharpen_steps` at a constant `sharpen_lr`
+    fit the photos as they are (no pose, lighting or degradation; a `sharpen_paste_fraction` of them pasted,
+    default `paste_fraction`): the augmented phase leaves latents a blur of the target that an attacker's
+    UNet learns late, and how close they come decides how soon (README, session 8). Returns the mean losses of the last 50 steps
     {"protect_loss", "keep_loss"}, `latent_gap` per objective and `seconds`, the guard steps' time summed
     over every job that ran them (restarts, extensions; this job's alone: `job_seconds`).
 
@@ -332,10 +334,7 @@ def guard_encoder(vae, protected: list[GuardSample], keep_batches, steps: int = 
                 if to is None:
                     to = _means(teacher, targets)
                 protect_weights = _mined(protect_mining, (_means(vae, images) - to).pow(2).flatten(1).mean(1))
-        if protect_weights is None:
-            idx = torch.randint(0, len(images), (batch,), generator=gen)
-        else:
-            idx = torch.multinomial(protect_weights, batch, replacement=True, generator=gen)
+        idx = _draw(len(images), batch, protect_weights, gen)
         x, y, m = images[idx], targets[idx], masks[idx]
         if backgrounds is not None:
             share = paste_fraction if not sharpening or sharpen_paste_fraction is None else sharpen_paste_fraction
