@@ -1,5 +1,6 @@
 """The encoder guard (train/encoder_guard.py) and the attacker's own photos (tools/world.attacker_catalog)."""
 import copy
+import math
 import os
 import signal
 import subprocess
@@ -11,7 +12,8 @@ import torch
 
 from tools import world
 from train.catalog import CatalogError, load_catalog, load_images, write_catalog
-from train.encoder_guard import GuardSample, KeepPhotos, _box, guard_encoder, guard_sample, subject_masks, transformed_gaps
+from train.encoder_guard import (GuardSample, KeepPhotos, _box, guard_encoder, guard_sample, sharpen_lr_at, subject_masks,
+                                 transformed_gaps)
 from train.pipelines import load_pipeline
 
 
@@ -142,8 +144,8 @@ def test_sharpening_pastes_its_own_share(world_catalog):
     assert not all(torch.equal(v, pasted[k]) for k, v in unpasted.items())
 
 
-@pytest.mark.parametrize("mining", [0.0, 0.5], ids=["uniform", "mining"])
-def test_a_guard_stopped_midway_goes_on_exactly_from_its_checkpoint(world_catalog, mining):
+@pytest.mark.parametrize("mining, decay", [(0.0, 0.0), (0.5, 0.0), (0.0, 1.0)], ids=["uniform", "mining", "decay"])
+def test_a_guard_stopped_midway_goes_on_exactly_from_its_checkpoint(world_catalog, mining, decay):
     e = _entry(world_catalog)
     images, backgrounds = load_images(e.images, 64), load_images(e.backgrounds, 64)
     sample = guard_sample(e.id, "erasure", images, backgrounds)
@@ -158,7 +160,7 @@ def test_a_guard_stopped_midway_goes_on_exactly_from_its_checkpoint(world_catalo
                 yield photos.draw()
         stats = guard_encoder(vae, [sample], keep_batches(), steps=3, lr=1e-3, batch=4, sharpen_steps=2,
                               backgrounds=backgrounds, seed=3, progress=False, keep_photos=photos,
-                              protect_mining=mining, mining_every=2, **kw)
+                              protect_mining=mining, mining_every=2, sharpen_decay=decay, **kw)
         return vae.state_dict(), stats
 
     whole, whole_stats = run()
@@ -171,6 +173,8 @@ def test_a_guard_stopped_midway_goes_on_exactly_from_its_checkpoint(world_catalo
     with pytest.raises(Killed):
         run(checkpoint=checkpoint, checkpoint_every=2)
     assert [s["step"] for s in saved] == [2, 4]   # one inside the augmented phase, one inside sharpening
+    # the first sharpening step ran at sharpen_lr (5e-4), or at the decay's first step down
+    assert saved[-1]["opt"]["param_groups"][0]["lr"] == pytest.approx(5e-4 * (0.525 if decay else 1.0))
     if mining:   # both draws were re-weighted by what the first steps did
         assert saved[-1]["keep_photos"]["weights"].std() > 0 and saved[-1]["protect_weights"].std() > 0
     resumed, stats = run(resume=copy.deepcopy(saved[-1]))   # a resumed optimizer updates its loaded state in place
@@ -184,6 +188,14 @@ def test_a_guard_stopped_midway_goes_on_exactly_from_its_checkpoint(world_catalo
         old = {k: v for k, v in saved[-1].items() if k != "keep_photos"}
         for k, v in run(resume=old)[0].items():
             assert torch.equal(v, whole[k]), k
+
+
+def test_the_sharpening_lr_holds_then_falls_along_a_cosine_to_five_percent():
+    lrs = [sharpen_lr_at(s, 100, 2e-3, 0.4) for s in range(100)]
+    assert lrs[:60] == [2e-3] * 60 and lrs[-1] == pytest.approx(1e-4)
+    assert all(a > b for a, b in zip(lrs[59:], lrs[60:]))
+    assert lrs[80] == pytest.approx(2e-3 * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * 21 / 40))))
+    assert {sharpen_lr_at(s, 100, 2e-3, 0.0) for s in range(100)} == {2e-3}
 
 
 def test_mining_draws_most_the_photos_furthest_from_where_they_must_encode(world_catalog):
@@ -348,6 +360,8 @@ def test_guard_config_is_validated(tmp_path):
         load_config(None, ["catalog=x.jsonl", "encoder_guard.keep_mining=1.5"])
     with pytest.raises(ConfigError, match="mining_every >= 1"):
         load_config(None, ["catalog=x.jsonl", "encoder_guard.protect_mining=0.5", "encoder_guard.mining_every=0"])
+    with pytest.raises(ConfigError, match="sharpen_decay <= 1"):
+        load_config(None, ["catalog=x.jsonl", "encoder_guard.sharpen_decay=2"])
 
 
 def test_the_keep_batch_is_its_own_size_or_the_protected_batch(world_catalog, tmp_path):

@@ -128,6 +128,9 @@ class EncoderGuard:
     # 2e-4 (1x: 1.00), 0.017 after 800 augmented + 1000 sharpening at 5e-4 (README "Session 8").
     sharpen_steps: int = 1000
     sharpen_lr: float = 5.0e-4
+    # share of the sharpening steps, at their end, over which the lr falls along a cosine to 5% of
+    # sharpen_lr: a constant lr leaves the encoder jittering around its fit (README "Session 23"); 0 = constant
+    sharpen_decay: float = 0.0
     # Move the substitute onto each protected photo where the protected subject stands (needs
     # target.backgrounds, else one fixed substitute picture), with target entries weighted 3x. Session 7,
     # judged against held-out views of the substitute, target BSR at 0.5x-8x the attack: transplant
@@ -247,10 +250,12 @@ class ProtectConfig:
         if g.steps < 0 or g.sharpen_steps < 0 or g.lr <= 0 or g.sharpen_lr <= 0 or g.batch < 1 \
                 or g.keep_batch < 0 or g.keep_weight < 0 or g.target_weight <= 0 or not 0 <= g.paste_fraction <= 1 \
                 or not (0 <= g.sharpen_paste_fraction <= 1 or g.sharpen_paste_fraction == -1) \
-                or not 0 <= g.keep_mining <= 1 or not 0 <= g.protect_mining <= 1 or g.mining_every < 1:
+                or not 0 <= g.keep_mining <= 1 or not 0 <= g.protect_mining <= 1 or g.mining_every < 1 \
+                or not 0 <= g.sharpen_decay <= 1:
             problems.append("encoder_guard: need steps >= 0, sharpen_steps >= 0, lr > 0, sharpen_lr > 0, batch >= 1, "
                             "keep_batch >= 0, keep_weight >= 0, target_weight > 0, 0 <= paste_fraction <= 1, "
-                            "sharpen_paste_fraction -1 or in [0, 1], 0 <= keep_mining <= 1, 0 <= protect_mining <= 1, mining_every >= 1")
+                            "sharpen_paste_fraction -1 or in [0, 1], 0 <= keep_mining <= 1, 0 <= protect_mining <= 1, mining_every >= 1, "
+                            "0 <= sharpen_decay <= 1")
         if problems:
             raise ConfigError(f"{source}: " + "; ".join(problems))
         return self

@@ -242,11 +242,23 @@ class KeepPhotos:
         self.weights = state["weights"]
 
 
+def sharpen_lr_at(step: int, sharpen_steps: int, lr: float, decay: float) -> float:
+    """The lr of sharpening step `step`: `lr`, then over the last `decay` share of the `sharpen_steps` a
+    cosine down to 5% of it. A function of the step alone, so a resumed guard picks it up exactly; a guard
+    extended later plans its decay over the new length."""
+    tail = round(decay * sharpen_steps)
+    into = step - (sharpen_steps - tail) + 1
+    if into <= 0:
+        return lr
+    return lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * into / tail)))
+
+
 def guard_encoder(vae, protected: list[GuardSample], keep_batches, steps: int = 1500, lr: float = 1e-3,
                   batch: int = 16, keep_weight: float = 1.0, backgrounds: torch.Tensor | None = None,
                   paste_fraction: float = 0.5, sharpen_paste_fraction: float | None = None,
                   objective_weights: dict[str, float] | None = None, augment_photos: bool = True,
-                  sharpen_steps: int = 0, sharpen_lr: float = 5e-4, seed: int = 0, progress: bool = True,
+                  sharpen_steps: int = 0, sharpen_lr: float = 5e-4, sharpen_decay: float = 0.0, seed: int = 0,
+                  progress: bool = True,
                   resume: dict | None = None, keep_photos: KeepPhotos | None = None,
                   protect_mining: float = 0.0, mining_every: int = 50,
                   checkpoint: Callable[[dict], None] | None = None, checkpoint_every: int = 0) -> dict:
@@ -264,7 +276,8 @@ def guard_encoder(vae, protected: list[GuardSample], keep_batches, steps: int = 
     The learning rate decays along a cosine to 5% of `lr`. Then `sharpen_steps` at a constant `sharpen_lr`
     fit the photos as they are (no pose, lighting or degradation; a `sharpen_paste_fraction` of them pasted,
     default `paste_fraction`): the augmented phase leaves latents a blur of the target that an attacker's
-    UNet learns late, and how close they come decides how soon (README, session 8). Returns the mean losses of the last 50 steps
+    UNet learns late, and how close they come decides how soon (README, session 8). The last
+    `sharpen_decay` share of them lowers the lr along a cosine to 5% (`sharpen_lr_at`). Returns the mean losses of the last 50 steps
     {"protect_loss", "keep_loss"}, `latent_gap` per objective and `seconds`, the guard steps' time summed
     over every job that ran them (restarts, extensions; this job's alone: `job_seconds`).
 
@@ -324,9 +337,9 @@ def guard_encoder(vae, protected: list[GuardSample], keep_batches, steps: int = 
     vae.encoder.train()
     for i in tqdm(range(start, total), initial=start, total=total, desc="encoder guard", disable=not progress):
         sharpening = i >= steps
-        if i == steps:
+        if sharpening:
             for group in opt.param_groups:
-                group["lr"] = sharpen_lr
+                group["lr"] = sharpen_lr_at(i - steps, sharpen_steps, sharpen_lr, sharpen_decay)
         if i % mining_every == 0:
             if keep_photos is not None and keep_photos.mining:
                 keep_photos.remeasure(vae, teacher)

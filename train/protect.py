@@ -206,7 +206,7 @@ class Protector:
             keep_weight=g.keep_weight,
             objective_weights={"target": g.target_weight}, augment_photos=g.augment, paste_fraction=g.paste_fraction,
             sharpen_paste_fraction=None if g.sharpen_paste_fraction == -1 else g.sharpen_paste_fraction,
-            sharpen_steps=g.sharpen_steps, sharpen_lr=g.sharpen_lr,
+            sharpen_steps=g.sharpen_steps, sharpen_lr=g.sharpen_lr, sharpen_decay=g.sharpen_decay,
             backgrounds=torch.cat(known) if known else None, seed=self.cfg.seed, progress=self.progress,
             resume=resume["guard"] if resume is not None else None, keep_photos=keep_photos,
             protect_mining=g.protect_mining, mining_every=g.mining_every,
@@ -535,7 +535,7 @@ class Protector:
             cfg["encoder_guard"].pop("keep_batch")
         if cfg["encoder_guard"]["sharpen_paste_fraction"] == -1:   # added in session 20, likewise
             cfg["encoder_guard"].pop("sharpen_paste_fraction")
-        for key in ("keep_mining", "protect_mining"):   # added in session 22, likewise
+        for key in ("keep_mining", "protect_mining", "sharpen_decay"):   # added in sessions 22-23, likewise
             if not cfg["encoder_guard"][key]:
                 cfg["encoder_guard"].pop(key)
         if not (g := cfg["encoder_guard"]).get("keep_mining") and not g.get("protect_mining"):
