@@ -360,6 +360,8 @@ def test_guard_config_is_validated(tmp_path):
         load_config(None, ["catalog=x.jsonl", "encoder_guard.keep_mining=1.5"])
     with pytest.raises(ConfigError, match="mining_every >= 1"):
         load_config(None, ["catalog=x.jsonl", "encoder_guard.protect_mining=0.5", "encoder_guard.mining_every=0"])
+    with pytest.raises(ConfigError, match="keep_unprotected < 1"):
+        load_config(None, ["catalog=x.jsonl", "encoder_guard.keep_unprotected=1"])
     with pytest.raises(ConfigError, match="sharpen_decay <= 1"):
         load_config(None, ["catalog=x.jsonl", "encoder_guard.sharpen_decay=2"])
 
@@ -377,10 +379,14 @@ def test_the_keep_batch_is_its_own_size_or_the_protected_batch(world_catalog, tm
     def first_keep(*extra):
         p = Protector(load_config(None, [f"catalog={cat}", f"out={tmp_path / 'run'}", "encoder_guard.enabled=true",
                                          "encoder_guard.batch=8", "prior.retention_batch=8", *extra]), progress=False)
-        photos = KeepPhotos(unprotected, p.guard_keep_half, 0)
+        photos = KeepPhotos(unprotected, p.guard_keep_split[1], 0)
         return next(p.guard_keep_batches(photos)), p.fingerprint()["config"]
 
+    def from_unprotected(batch):
+        return [any(torch.equal(x, u) for u in unprotected) for x in batch]
     (default, stamp), (own, own_stamp) = first_keep(), first_keep("encoder_guard.keep_batch=4")
     assert stamp != own_stamp   # a checkpoint of the other keep batch is refused
     assert default.shape == (8, 3, 64, 64) and own.shape == (4, 3, 64, 64)   # half retention, half unprotected
-    assert any(torch.equal(own[-1], u) for u in unprotected) and not any(torch.equal(own[0], u) for u in unprotected)
+    assert from_unprotected(own) == [False, False, True, True]
+    mostly, mostly_stamp = first_keep("encoder_guard.keep_unprotected=0.75")
+    assert from_unprotected(mostly) == [False, False] + [True] * 6 and mostly_stamp != stamp

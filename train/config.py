@@ -112,6 +112,9 @@ class EncoderGuard:
     # A large catalog raises `batch` (every protected photo needs its visits) and keeps this: the keep
     # term's cost then stays fixed while the protected work grows (issue 5, README "Session 15").
     keep_batch: int = 0
+    # share of the keep batch drawn from the unprotected entries' photos, the rest retention images (the
+    # look-alike faces an erasure carries over to are among the former; README "Session 23")
+    keep_unprotected: float = 0.5
     keep_weight: float = 1.0    # weight of "every other image encodes as before"
     # share of the unprotected photos' keep draws weighted by how far each has drifted, and of the
     # protected photos' draws weighted by how far each still is from its target, re-measured every
@@ -251,11 +254,11 @@ class ProtectConfig:
                 or g.keep_batch < 0 or g.keep_weight < 0 or g.target_weight <= 0 or not 0 <= g.paste_fraction <= 1 \
                 or not (0 <= g.sharpen_paste_fraction <= 1 or g.sharpen_paste_fraction == -1) \
                 or not 0 <= g.keep_mining <= 1 or not 0 <= g.protect_mining <= 1 or g.mining_every < 1 \
-                or not 0 <= g.sharpen_decay <= 1:
+                or not 0 <= g.sharpen_decay <= 1 or not 0 < g.keep_unprotected < 1:
             problems.append("encoder_guard: need steps >= 0, sharpen_steps >= 0, lr > 0, sharpen_lr > 0, batch >= 1, "
                             "keep_batch >= 0, keep_weight >= 0, target_weight > 0, 0 <= paste_fraction <= 1, "
                             "sharpen_paste_fraction -1 or in [0, 1], 0 <= keep_mining <= 1, 0 <= protect_mining <= 1, mining_every >= 1, "
-                            "0 <= sharpen_decay <= 1")
+                            "0 <= sharpen_decay <= 1, 0 < keep_unprotected < 1")
         if problems:
             raise ConfigError(f"{source}: " + "; ".join(problems))
         return self

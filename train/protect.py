@@ -198,7 +198,7 @@ class Protector:
         known = [load_images(e.backgrounds, 64) for e in self.entries if e.backgrounds is not None]
         unprotected = torch.cat([load_images(e.images, 64) for e in self.unprotected]) if self.unprotected else None
 
-        keep_photos = encoder_guard.KeepPhotos(unprotected, self.guard_keep_half, self.cfg.seed + 17,
+        keep_photos = encoder_guard.KeepPhotos(unprotected, self.guard_keep_split[1], self.cfg.seed + 17,
                                                g.keep_mining) if unprotected is not None else None
         vae, last = self.pipe.vae.float(), {}
         stats = encoder_guard.guard_encoder(
@@ -217,18 +217,21 @@ class Protector:
         return stats
 
     @property
-    def guard_keep_half(self) -> int:
+    def guard_keep_split(self) -> tuple[int, int]:
+        """(retention images, unprotected photos) of each keep batch: `keep_batch` (0: `batch`) split by
+        `keep_unprotected`, at least one of each."""
         g = self.cfg.encoder_guard
-        return max((g.keep_batch or g.batch) // 2, 1)
+        keep = g.keep_batch or g.batch
+        return max(int(keep * (1 - g.keep_unprotected)), 1), max(int(keep * g.keep_unprotected), 1)
 
     def guard_keep_batches(self, unprotected: encoder_guard.KeepPhotos | None, skip: int = 0):
         """The encoder guard's images that must encode as before, `encoder_guard.keep_batch` (0: `batch`) a
-        step: half retention data (a resumed guard's past the `skip` batches drawn), half unprotected
-        entries' photos (positioned by the guard, which checkpoints their draws)."""
-        half = self.guard_keep_half
+        step: retention data (a resumed guard's past the `skip` batches drawn) and unprotected entries'
+        photos (positioned by the guard, which checkpoints their draws), split by `guard_keep_split`."""
+        retained = self.guard_keep_split[0]
         shards = self._retention_batches(0, skip=skip)
         while True:
-            parts = [next(shards)[0][:half]] if shards is not None else []
+            parts = [next(shards)[0][:retained]] if shards is not None else []
             if unprotected is not None:
                 parts.append(unprotected.draw())
             if not parts:
@@ -535,6 +538,8 @@ class Protector:
             cfg["encoder_guard"].pop("keep_batch")
         if cfg["encoder_guard"]["sharpen_paste_fraction"] == -1:   # added in session 20, likewise
             cfg["encoder_guard"].pop("sharpen_paste_fraction")
+        if cfg["encoder_guard"]["keep_unprotected"] == 0.5:   # added in session 23, likewise
+            cfg["encoder_guard"].pop("keep_unprotected")
         for key in ("keep_mining", "protect_mining", "sharpen_decay"):   # added in sessions 22-23, likewise
             if not cfg["encoder_guard"][key]:
                 cfg["encoder_guard"].pop(key)
