@@ -12,8 +12,8 @@ import torch
 
 from tools import world
 from train.catalog import CatalogError, load_catalog, load_images, write_catalog
-from train.encoder_guard import (GuardSample, KeepPhotos, _box, guard_encoder, guard_sample, sharpen_lr_at, subject_masks,
-                                 transformed_gaps)
+from train.encoder_guard import (GuardSample, KeepPhotos, TeacherTable, _box, guard_encoder, guard_sample, sharpen_lr_at,
+                                 subject_masks, transformed_gaps)
 from train.pipelines import load_pipeline
 
 
@@ -188,6 +188,18 @@ def test_a_guard_stopped_midway_goes_on_exactly_from_its_checkpoint(world_catalo
         old = {k: v for k, v in saved[-1].items() if k != "keep_photos"}
         for k, v in run(resume=old)[0].items():
             assert torch.equal(v, whole[k]), k
+
+
+def test_the_teacher_table_gives_the_teachers_moments_seen_or_not(world_catalog):
+    teacher = load_pipeline("tiny-sd").vae
+    seen, new = load_images(_entry(world_catalog).images, 64), load_images(_entry(world_catalog, 2).images, 64)
+    table = TeacherTable(teacher, torch.cat([seen, seen[:1]]), chunk=2)
+    assert len(table.known) == len(seen)   # by content: a repeated image is one entry
+    batch = torch.cat([new[:2], seen.flip(0), new[:1]])
+    with torch.no_grad():
+        direct = teacher.encode(batch * 2 - 1).latent_dist.parameters
+    torch.testing.assert_close(table(batch), direct, atol=1e-4, rtol=1e-4)
+    assert len(table.known) == len(seen)   # images it was not built with are encoded, not kept
 
 
 def test_the_sharpening_lr_holds_then_falls_along_a_cosine_to_five_percent():

@@ -18,6 +18,7 @@ scrapers apply (JPEG, blur, down-up resizing, noise), with continuous strengths,
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 import time
 from dataclasses import dataclass
@@ -189,6 +190,41 @@ def _means(model, images: torch.Tensor, chunk: int = 64) -> torch.Tensor:
                           for i in range(0, len(images), chunk)])
 
 
+def _key(image: torch.Tensor) -> bytes:
+    return hashlib.blake2b(image.contiguous().numpy().tobytes(), digest_size=16).digest()
+
+
+class TeacherTable:
+    """The unguarded encoder's moments of the images an un-augmented step repeats, by content.
+
+    A sharpening step's targets are the targets themselves or the backgrounds they are pasted onto (flipped
+    or not), and half its keep images are unprotected photos: the same few thousand images over and over.
+    They are encoded once, in a fixed order, when the first such step runs (a resumed guard builds the
+    same table); the rest (retention images, a substitute pasted onto a new background) are encoded in the
+    step. A sharpening step then runs one encoder forward instead of two (README "Session 23")."""
+
+    def __init__(self, teacher, images: torch.Tensor, chunk: int = 64):
+        self.teacher, self.known = teacher, {}
+        dev = next(teacher.parameters()).device
+        for i in range(0, len(images), chunk):
+            part = images[i:i + chunk]
+            with torch.no_grad():
+                moments = _moments(teacher, part.to(dev))
+            for x, m in zip(part, moments):
+                self.known.setdefault(_key(x), m)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """Moments of (N, 3, H, W) CPU images in [0, 1], on the teacher's device."""
+        keys = [_key(x) for x in images]
+        missing = [i for i, k in enumerate(keys) if k not in self.known]
+        fresh = {}
+        if missing:
+            with torch.no_grad():
+                moments = _moments(self.teacher, images[missing].to(next(self.teacher.parameters()).device))
+            fresh = dict(zip(missing, moments))
+        return torch.stack([fresh[i] if i in fresh else self.known[k] for i, k in enumerate(keys)])
+
+
 def _draw(n: int, k: int, weights: torch.Tensor | None, gen: torch.Generator) -> torch.Tensor:
     """`k` indices into `n` items: uniform, or by `weights` where mining set them."""
     if weights is None:
@@ -311,6 +347,7 @@ def guard_encoder(vae, protected: list[GuardSample], keep_batches, steps: int = 
     hist = {"protect_loss": [], "keep_loss": []}
     start, total, before, protect_weights = 0, steps + sharpen_steps, 0.0, None
     to = None   # the targets' latent means, for protect_mining
+    table = None   # TeacherTable, built at the first un-augmented step
     if resume is not None:
         vae.load_state_dict(resume["vae"])
         opt.load_state_dict(resume["opt"])
@@ -360,10 +397,15 @@ def guard_encoder(vae, protected: list[GuardSample], keep_batches, steps: int = 
         if augment_photos and not sharpening:
             x, y = augment(x, y, gen, rng, moves[idx])
             keep = torch.cat([keep, augment(keep, None, gen, rng)[0]])
-        x, y, keep = x.to(dev), y.to(dev), keep.to(dev)
-        with torch.no_grad():
-            want = _moments(teacher, y)
-            keep_want = _moments(teacher, keep)
+            with torch.no_grad():
+                want, keep_want = _moments(teacher, y.to(dev)), _moments(teacher, keep.to(dev))
+        else:   # un-augmented: most of these images were seen before
+            if table is None:
+                seen = [targets] + ([backgrounds, backgrounds.flip(-1)] if backgrounds is not None else []) \
+                    + ([keep_photos.photos] if keep_photos is not None else [])
+                table = TeacherTable(teacher, torch.cat(seen))
+            want, keep_want = table(y), table(keep)
+        x, keep = x.to(dev), keep.to(dev)
         got = _moments(vae, x)
         w = weight[idx].to(dev).view(-1, 1, 1, 1)
         loss_p = ((got - want) ** 2 * w).mean() / w.mean()
