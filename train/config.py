@@ -112,8 +112,8 @@ class EncoderGuard:
     # A large catalog raises `batch` (every protected photo needs its visits) and keeps this: the keep
     # term's cost then stays fixed while the protected work grows (issue 5, README "Session 15").
     keep_batch: int = 0
-    # share of the keep batch drawn from the unprotected entries' photos, the rest retention images (the
-    # look-alike faces an erasure carries over to are among the former; README "Session 23")
+    # share of the keep batch drawn from the unprotected entries' photos, the rest retention images; 0.75
+    # held the 128-entry world's unprotected faces worse than 0.5, not better (README "Session 23")
     keep_unprotected: float = 0.5
     keep_weight: float = 1.0    # weight of "every other image encodes as before"
     # share of the unprotected photos' keep draws weighted by how far each has drifted, and of the
@@ -132,7 +132,8 @@ class EncoderGuard:
     sharpen_steps: int = 1000
     sharpen_lr: float = 5.0e-4
     # share of the sharpening steps, at their end, over which the lr falls along a cosine to 5% of
-    # sharpen_lr: a constant lr leaves the encoder jittering around its fit (README "Session 23"); 0 = constant
+    # sharpen_lr; 0 = constant. 0.5 did not bring the 128-entry world's photos nearer their targets or
+    # their unguarded latents (README "Session 23")
     sharpen_decay: float = 0.0
     # Move the substitute onto each protected photo where the protected subject stands (needs
     # target.backgrounds, else one fixed substitute picture), with target entries weighted 3x. Session 7,

@@ -294,8 +294,7 @@ def guard_encoder(vae, protected: list[GuardSample], keep_batches, steps: int = 
                   paste_fraction: float = 0.5, sharpen_paste_fraction: float | None = None,
                   objective_weights: dict[str, float] | None = None, augment_photos: bool = True,
                   sharpen_steps: int = 0, sharpen_lr: float = 5e-4, sharpen_decay: float = 0.0, seed: int = 0,
-                  progress: bool = True,
-                  resume: dict | None = None, keep_photos: KeepPhotos | None = None,
+                  progress: bool = True, resume: dict | None = None, keep_photos: KeepPhotos | None = None,
                   protect_mining: float = 0.0, mining_every: int = 50,
                   checkpoint: Callable[[dict], None] | None = None, checkpoint_every: int = 0) -> dict:
     """Fine-tune `vae.encoder` (+ quant_conv) in place; the decoder is never touched.
@@ -313,7 +312,8 @@ def guard_encoder(vae, protected: list[GuardSample], keep_batches, steps: int = 
     fit the photos as they are (no pose, lighting or degradation; a `sharpen_paste_fraction` of them pasted,
     default `paste_fraction`): the augmented phase leaves latents a blur of the target that an attacker's
     UNet learns late, and how close they come decides how soon (README, session 8). The last
-    `sharpen_decay` share of them lowers the lr along a cosine to 5% (`sharpen_lr_at`). Returns the mean losses of the last 50 steps
+    `sharpen_decay` share of them lowers the lr along a cosine to 5% (`sharpen_lr_at`). Un-augmented steps
+    look the teacher's side up in a `TeacherTable`. Returns the mean losses of the last 50 steps
     {"protect_loss", "keep_loss"}, `latent_gap` per objective and `seconds`, the guard steps' time summed
     over every job that ran them (restarts, extensions; this job's alone: `job_seconds`).
 
