@@ -200,6 +200,8 @@ def test_the_teacher_table_gives_the_teachers_moments_seen_or_not(world_catalog)
         direct = teacher.encode(batch * 2 - 1).latent_dist.parameters
     torch.testing.assert_close(table(batch), direct, atol=1e-4, rtol=1e-4)
     assert len(table.known) == len(seen)   # images it was not built with are encoded, not kept
+    table.known[next(iter(table.known))] = torch.zeros_like(direct[0])   # a seen image is looked up, not encoded
+    assert table(seen[:1]).abs().sum() == 0
 
 
 def test_the_sharpening_lr_holds_then_falls_along_a_cosine_to_five_percent():
