@@ -54,6 +54,21 @@ def test_evaluate_rejects_an_unknown_suite(world_catalog, tmp_path, capsys):
     assert "unknown suite 'nope'" in capsys.readouterr().err
 
 
+def test_the_catalog_a_release_was_protected_from_is_read_from_its_run(tmp_path):
+    from tools.evaluate import evaluate, run_catalog
+
+    run = tmp_path / "run"
+    (run / "protected").mkdir(parents=True)
+    assert run_catalog(run / "protected") is None                     # no manifest
+    assert run_catalog("tiny-sd") is None                             # a model name, not a release folder
+    (run / "manifest.json").write_text(json.dumps({"config": {"catalog": "world/catalog.jsonl"}}))
+    assert run_catalog(run / "protected") == "world/catalog.jsonl"
+    with pytest.warns(UserWarning, match="protected from world/catalog.jsonl"), pytest.raises(ValueError):
+        evaluate(str(run / "protected"), tmp_path / "out", suite="nope")   # warned before the suite is read
+    (run / "manifest.json").write_text("{not json")
+    assert run_catalog(run / "protected") is None
+
+
 @pytest.mark.slow
 def test_the_curve_suite_judges_one_attack_at_every_length(world_catalog, tmp_path):
     assert main(["evaluate", "--model", "tiny-sd", "--catalog", str(world_catalog), "--suite", "smoke-curve",

@@ -427,7 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--baseline-attacks", type=Path, default=None, metavar="REPORT_JSON",
                    help="reuse the baseline's attacks of this earlier report (same baseline, catalog, suite, "
                         "samples and seed; checked)")
-    s.add_argument("--catalog", default=None, help="catalog file (default: the embedded default catalog)")
+    s.add_argument("--catalog", default=None, help="catalog file (default: the embedded default catalog; "
+                   "a warning names the catalog a protect run's manifest beside --model was made from)")
     s.add_argument("--suite", default="white-box", help="attack matrix from configs/suites.yaml")
     s.add_argument("--samples", type=int, default=32, help="samples per attack")
     s.add_argument("--seed", type=int, default=0)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -55,6 +56,18 @@ def default_catalog(cache: Path = CACHE) -> Path:
 
             shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def run_catalog(model: str | Path) -> str | None:
+    """The catalog a `persguard protect` release was made from, as its run's manifest (`RUN/manifest.json`
+    beside `RUN/protected`) names it; None for a model name or a folder without a readable manifest."""
+    manifest = Path(model).parent / "manifest.json"
+    if not Path(model).is_dir() or not manifest.is_file():
+        return None
+    try:
+        return json.loads(manifest.read_text())["config"]["catalog"]
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 THREAT_SUITES = ("white-box", "gray-box", "transforms", "adaptive")
@@ -375,6 +388,12 @@ def evaluate(model: str, out: Path, catalog: Path | None = None, suite: str = "w
     t0 = time.time()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    if catalog is None and (named := run_catalog(model)) is not None:
+        # SPEC section 5: no --catalog judges the embedded default; a release of another catalog has none of
+        # its protected entries there, which a report of nulls hides (README "Session 24")
+        warnings.warn(f"evaluate: no --catalog, so the embedded default catalog is judged; {model} was "
+                      f"protected from {named} ({Path(model).parent / 'manifest.json'}): pass --catalog {named}",
+                      stacklevel=2)
     catalog = Path(catalog) if catalog else default_catalog()
     entries = load_catalog(catalog)
     description, attacks, multiples = load_suite(suite)
