@@ -1,5 +1,6 @@
 """End to end: `persguard evaluate` writes the report SPEC section 5 promises, reproducibly."""
 import json
+import warnings
 
 import pytest
 
@@ -55,7 +56,7 @@ def test_evaluate_rejects_an_unknown_suite(world_catalog, tmp_path, capsys):
 
 
 def test_the_catalog_a_release_was_protected_from_is_read_from_its_run(tmp_path):
-    from tools.evaluate import evaluate, run_catalog
+    from tools.evaluate import default_catalog, evaluate, run_catalog
 
     run = tmp_path / "run"
     (run / "protected").mkdir(parents=True)
@@ -65,6 +66,11 @@ def test_the_catalog_a_release_was_protected_from_is_read_from_its_run(tmp_path)
     assert run_catalog(run / "protected") == "world/catalog.jsonl"
     with pytest.warns(UserWarning, match="protected from world/catalog.jsonl"), pytest.raises(ValueError):
         evaluate(str(run / "protected"), tmp_path / "out", suite="nope")   # warned before the suite is read
+    (run / "manifest.json").write_text(json.dumps({"config": {"catalog": str(default_catalog())}}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                                # made from the default: nothing to say
+        with pytest.raises(ValueError, match="unknown suite"):
+            evaluate(str(run / "protected"), tmp_path / "out", suite="nope")
     (run / "manifest.json").write_text("{not json")
     assert run_catalog(run / "protected") is None
 

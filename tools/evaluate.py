@@ -388,13 +388,16 @@ def evaluate(model: str, out: Path, catalog: Path | None = None, suite: str = "w
     t0 = time.time()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    if catalog is None and (named := run_catalog(model)) is not None:
-        # SPEC section 5: no --catalog judges the embedded default; a release of another catalog has none of
-        # its protected entries there, which a report of nulls hides (README "Session 24")
-        warnings.warn(f"evaluate: no --catalog, so the embedded default catalog is judged; {model} was "
-                      f"protected from {named} ({Path(model).parent / 'manifest.json'}): pass --catalog {named}",
-                      stacklevel=2)
-    catalog = Path(catalog) if catalog else default_catalog()
+    if catalog is None:
+        catalog = default_catalog()
+        named = run_catalog(model)
+        if named is not None and Path(named).resolve() != catalog.resolve():
+            # SPEC section 5: no --catalog judges the embedded default; a release of another catalog has none of
+            # its protected entries there, which a report of nulls hides (README "Session 24")
+            warnings.warn(f"evaluate: no --catalog, so the embedded default catalog is judged; {model} was "
+                          f"protected from {named} ({Path(model).parent / 'manifest.json'}): pass --catalog "
+                          f"{named}", stacklevel=2)
+    catalog = Path(catalog)
     entries = load_catalog(catalog)
     description, attacks, multiples = load_suite(suite)
     pipe = load_pipeline(model)
