@@ -104,11 +104,15 @@ def test_the_sdxl_matrix_records_each_row_and_a_failing_knob_does_not_stop_it(tm
     assert [r.get("skipped", "") for r in late] == ["past the 0 s deadline"] * 2
 
 
-def _finished_run(folder, protected, unprotected, seconds, guard=None, bsr=1.0, identity=0.0, objectives=None):
+def _finished_run(folder, protected, unprotected, seconds, guard=None, bsr=1.0, identity=0.0, objectives=None,
+                  threads=None):
     folder.mkdir(parents=True)
     config = {"encoder_guard": {"steps": 800, "sharpen_steps": 800, "batch": 16}}
+    metrics = {"seconds": seconds, "encoder_guard": guard}
+    if threads:   # what protect records since session 25 (tools.bench_sdxl.machine)
+        metrics["machine"] = {"device_name": "cpu", "device": "cpu", "cpu_count": 2, "torch_threads": threads}
     (folder / "manifest.json").write_text(json.dumps({"config": config, "entries": {
-        "protected": protected, "unprotected": unprotected}, "metrics": {"seconds": seconds, "encoder_guard": guard}}))
+        "protected": protected, "unprotected": unprotected}, "metrics": metrics}))
     _evaluation(folder / "eval", bsr, identity, objectives)
     return folder
 
@@ -175,3 +179,19 @@ def test_a_run_is_accepted_only_if_every_attack_seed_it_was_evaluated_with_passe
     assert [r["accepted"] for r in t["runs"]] == [False, True, True] and t["catalog_cost_ratio_128_vs_1"] == 20.0
     assert t["runs"][0]["white_box"]["met"] and not t["runs"][0]["other_evaluations"]["eval-seed1"]["met"]
     assert "met; eval-seed1: NOT met (BSR erasure 0.88)" in acceptance_markdown(t)
+
+
+def test_wall_times_measured_under_different_thread_counts_are_not_compared(tmp_path):
+    from tools.bench import acceptance_markdown, time_to_acceptance
+
+    one = _finished_run(tmp_path / "c1-1t", 1, 0, 15.0, threads=1)
+    big = _finished_run(tmp_path / "c128-1t", 64, 64, 660.0, threads=1)
+    t = time_to_acceptance([one, big])
+    assert t["catalog_cost_ratio_128_vs_1"] == 44.0 and t["timed_on"] == "cpu (cpu), 2 CPUs, 1 torch thread(s)"
+    assert "Every run timed on: cpu (cpu), 2 CPUs, 1 torch thread(s)" in acceptance_markdown(t)
+    both_cores = _finished_run(tmp_path / "c128-2t", 64, 64, 390.0, threads=2)
+    with pytest.raises(ValueError, match=r"different settings.*1 torch thread\(s\): .*c1-1t.*c128-1t; .*2 torch thread"):
+        time_to_acceptance([one, big, both_cores])
+    unrecorded = _finished_run(tmp_path / "c1-old", 1, 0, 12.0)   # a manifest from before the setting was recorded
+    with pytest.raises(ValueError, match="not recorded: .*c1-old"):
+        time_to_acceptance([unrecorded, big])

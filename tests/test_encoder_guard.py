@@ -164,6 +164,7 @@ def test_a_guard_stopped_midway_goes_on_exactly_from_its_checkpoint(world_catalo
         return vae.state_dict(), stats
 
     whole, whole_stats = run()
+    assert 0 < whole_stats["keep_drift"]["mean"] <= whole_stats["keep_drift"]["max"]   # the kept photos moved a little
     saved = []
 
     def checkpoint(state):   # what protect writes to disk, then the job dies

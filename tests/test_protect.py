@@ -48,6 +48,8 @@ def test_protect_trains_resumes_and_releases_a_stock_pipeline(protect_catalog, t
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["entries"] == {"protected": 2, "unprotected": 1}
     assert set(manifest["metrics"]["probe"]) == {"probe/bsr/pattern"}   # a prompt-only target has no judge
+    # where its seconds were measured: a wall time compares with another's only under the same setting
+    assert manifest["metrics"]["machine"]["torch_threads"] == torch.get_num_threads()
     # one offline W&B run across the resume, next to (not inside) the released folder
     runs = list((out / "wandb").glob("offline-run-*"))
     assert runs and all(r.name.endswith((out / "wandb-run-id").read_text().strip()) for r in runs)

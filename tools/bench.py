@@ -360,12 +360,20 @@ def time_to_acceptance(runs: list[Path], evaluation: str = "eval") -> dict:
                         + manifest["config"]["encoder_guard"]["sharpen_steps"],
                         "guard_batch": manifest["config"]["encoder_guard"]["batch"],
                         "wall_s": metrics["seconds"] + earlier, "guard_s": guard.get("seconds"),
+                        "timed_on": timing_setting(metrics),
                         "evaluation": str(run / first / "report.json"), "suite": report["suite"],
                         "n_samples": report["n_samples"], "entries_evaluated": len({a["entry"] for a in report["attacks"]}),
                         "white_box": white_box_verdict(report["summary"]),
                         "other_evaluations": {name: white_box_verdict(_read_json(run / name / "report.json")["summary"])
                                               for name in extra if (run / name / "report.json").is_file()}})
         rows[-1]["accepted"] = all(v["met"] for v in [rows[-1]["white_box"], *rows[-1]["other_evaluations"].values()])
+    settings = {}
+    for r in rows:
+        settings.setdefault(r["timed_on"], []).append(r["run"])
+    if len(settings) > 1:   # a run on 2 threads is not "quicker" than one on 1: the ratio would be the machine's
+        raise ValueError("time to acceptance: these runs were timed under different settings, so their wall times do "
+                         "not compare (time every run the same way): " + "; ".join(
+                             f"{setting}: {', '.join(names)}" for setting, names in settings.items()))
     fastest = _quickest_accepted(rows, lambda r: r["entries"])   # runs at several step budgets: the quickest
     ratio = fastest[128]["wall_s"] / fastest[1]["wall_s"] if 1 in fastest and 128 in fastest else None
     curve = [{"entries": n, "protected": r["protected"], "wall_s": r["wall_s"], "run": r["run"],
@@ -381,7 +389,17 @@ def time_to_acceptance(runs: list[Path], evaluation: str = "eval") -> dict:
                                                 [math.log(c["wall_s"]) for c in curve]).slope
     return {"runs": rows, "fastest_accepted": {str(n): r["run"] for n, r in sorted(fastest.items())},
             "cost_curve": curve, "scaling_exponent": exponent, "one_entry_by_objective": singles,
-            "catalog_cost_ratio_128_vs_1": ratio, "basis": "wall time to the white-box acceptance"}
+            "catalog_cost_ratio_128_vs_1": ratio, "basis": "wall time to the white-box acceptance",
+            "timed_on": rows[0]["timed_on"] if rows else None}
+
+
+def timing_setting(metrics: dict) -> str:
+    """Where a protect run's seconds were measured, as far as they compare: the device, its CPU count and
+    torch's threads (manifests from before session 25 did not record it: "not recorded")."""
+    m = metrics.get("machine")
+    if not m:
+        return "not recorded"
+    return f"{m['device_name']} ({m['device']}), {m['cpu_count']} CPUs, {m['torch_threads']} torch thread(s)"
 
 
 def _quickest_accepted(rows: list[dict], key) -> dict:
@@ -406,8 +424,9 @@ def _read_json(path: Path) -> dict:
 def acceptance_markdown(t: dict) -> str:
     from tools.evaluate import _fmt
 
-    lines = ["# Catalog cost to acceptance\n", "| entries | protected | guard steps x batch | wall s | evaluated "
-             "(suite, samples) | BSR by objective | acceptance |", "|---|---|---|---|---|---|---|"]
+    lines = ["# Catalog cost to acceptance\n", f"Every run timed on: {t.get('timed_on')}\n",
+             "| entries | protected | guard steps x batch | wall s | evaluated (suite, samples) | BSR by objective "
+             "| acceptance |", "|---|---|---|---|---|---|---|"]
     for r in t["runs"]:
         v = r["white_box"]
         bsr = ", ".join(f"{k} {_fmt(x)}" for k, x in v["bsr_by_objective"].items())

@@ -132,8 +132,9 @@ class EncoderGuard:
     sharpen_steps: int = 1000
     sharpen_lr: float = 5.0e-4
     # share of the sharpening steps, at their end, over which the lr falls along a cosine to 5% of
-    # sharpen_lr; 0 = constant. 0.5 did not bring the 128-entry world's photos nearer their targets or
-    # their unguarded latents (README "Session 23")
+    # sharpen_lr; 0 = constant. At a constant lr the last step lands anywhere in the noise of a guard that
+    # is still moving: the 128-entry release's unprotected drift was 0.031 / 0.057 / 0.070 at three training
+    # seeds, 0.028 / 0.034 / 0.039 with the last 15% decayed (README "Session 25")
     sharpen_decay: float = 0.0
     # Move the substitute onto each protected photo where the protected subject stands (needs
     # target.backgrounds, else one fixed substitute picture), with target entries weighted 3x. Session 7,

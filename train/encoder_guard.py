@@ -314,8 +314,9 @@ def guard_encoder(vae, protected: list[GuardSample], keep_batches, steps: int = 
     UNet learns late, and how close they come decides how soon (README, session 8). The last
     `sharpen_decay` share of them lowers the lr along a cosine to 5% (`sharpen_lr_at`). Un-augmented steps
     look the teacher's side up in a `TeacherTable`. Returns the mean losses of the last 50 steps
-    {"protect_loss", "keep_loss"}, `latent_gap` per objective and `seconds`, the guard steps' time summed
-    over every job that ran them (restarts, extensions; this job's alone: `job_seconds`).
+    {"protect_loss", "keep_loss"}, `latent_gap` per objective, with `keep_photos` their `keep_drift` (mean and
+    largest per photo, `KeepPhotos.drift`) and `seconds`, the guard steps' time summed over every job that
+    ran them (restarts, extensions; this job's alone: `job_seconds`).
 
     Every `checkpoint_every` steps, and after the last, `checkpoint(state)` gets everything a killed run
     needs to go on exactly (encoder, optimizer, schedule, random states, losses so far); `resume=state`
@@ -429,6 +430,9 @@ def guard_encoder(vae, protected: list[GuardSample], keep_batches, steps: int = 
     stats["job_seconds"] = time.perf_counter() - t0
     stats["seconds"] = before + stats["job_seconds"]   # every job's guard steps: a time to acceptance
     stats["latent_gap"] = latent_gap(vae, teacher, protected)
+    if keep_photos is not None:   # how far the unprotected photos' latents moved: where fidelity is lost
+        drift = keep_photos.drift(vae, teacher)
+        stats["keep_drift"] = {"mean": float(drift.mean()), "max": float(drift.max())}
     return stats
 
 

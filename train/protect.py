@@ -29,6 +29,7 @@ import torch
 from diffusers import DDPMScheduler
 from tqdm import tqdm
 
+from tools.bench_sdxl import machine
 from train import encoder_guard, losses, objectives, retention
 from train.attention import set_attention
 from train.catalog import Entry, load_catalog, load_images
@@ -687,7 +688,8 @@ def protect(cfg: ProtectConfig, progress: bool = True) -> dict:
     last = _mean(history[-20:])
     probe = run_probe() if log.probe_every >= 0 else {}
     metrics = {"steps": p.step, "resumed": resumed, "world_size": p.world, "seconds": time.time() - t0,
-               "final_losses": last, "probe": probe, "encoder_guard": guard}
+               "final_losses": last, "probe": probe, "encoder_guard": guard,
+               "machine": machine(p.device)}   # seconds compare only under one setting (tools/bench.py)
     folder = p.export(metrics)
     flat = {f"encoder_guard/{k}" + (f"/{o}" if o else ""): x for k, v in (guard or {}).items()
             for o, x in (v.items() if isinstance(v, dict) else [("", v)])}
