@@ -332,6 +332,41 @@ def test_protect_with_the_guard_releases_a_guarded_encoder_and_resumes_it(world_
         assert torch.equal(v, extended.state_dict()[k]), k
 
 
+@pytest.mark.slow
+def test_the_release_gate_extends_the_guard_until_it_passes_and_the_manifest_says_where_it_ended(world_catalog, tmp_path):
+    from train.config import load_config
+    from train.protect import protect
+
+    rows = [e.to_json() for e in load_catalog(world_catalog)]
+    rows[0].update(protected=True, objective="erasure")
+    cat = tmp_path / "catalog.jsonl"
+    write_catalog(rows, cat)
+
+    def run(out, *extra):
+        return protect(load_config(None, [f"catalog={cat}", f"out={tmp_path / out}", "steps=0", "encoder_guard.enabled=true",
+                                          "encoder_guard.steps=3", "encoder_guard.sharpen_steps=2", "encoder_guard.batch=4",
+                                          "encoder_guard.gate_extend_steps=2", "prior.retention_batch=4",
+                                          "logging.probe_every=-1", *extra]), progress=False)["encoder_guard"]
+
+    unreachable = "encoder_guard.gate_keep_drift=1e-12"
+    once = run("gated", unreachable, "encoder_guard.gate_max_extensions=1")
+    assert once["gate"] == {"keep_drift": 1e-12, "latent_gap": 0.0, "passed": False, "extensions": 1, "sharpen_steps": 4}
+    # allowed one more extension, the same out goes on from its end: the encoder a 3 + 6 step guard releases
+    twice = run("gated", unreachable, "encoder_guard.gate_max_extensions=2")
+    assert twice["gate"]["extensions"] == 2 and twice["gate"]["sharpen_steps"] == 6 and not twice["gate"]["passed"]
+    assert torch.load(tmp_path / "gated" / "checkpoints" / "encoder-guard.pt", weights_only=False)["guard"]["step"] == 9
+    run("direct", "encoder_guard.sharpen_steps=6")
+    gated, direct = load_pipeline(tmp_path / "gated" / "protected").vae, load_pipeline(tmp_path / "direct" / "protected").vae
+    for k, v in direct.state_dict().items():
+        assert torch.equal(v, gated.state_dict()[k]), k
+    again = run("gated", unreachable, "encoder_guard.gate_max_extensions=2")   # restarted: loaded, not redone
+    assert again == {**twice, "job_seconds": 0.0}
+    # a gate the planned guard meets adds nothing; the drift it compared is the one reported
+    met = run("met", f"encoder_guard.gate_keep_drift={twice['keep_drift']['mean'] * 100}",
+              f"encoder_guard.gate_latent_gap={max(twice['latent_gap'].values()) * 100}")
+    assert met["gate"]["passed"] and met["gate"]["extensions"] == 0 and met["gate"]["sharpen_steps"] == 2
+
+
 def test_a_prompt_only_target_is_refused_before_any_work(world_catalog, tmp_path):
     from train.config import load_config
     from train.protect import Protector
@@ -384,6 +419,8 @@ def test_guard_config_is_validated(tmp_path):
         load_config(None, ["catalog=x.jsonl", "encoder_guard.keep_unprotected=1"])
     with pytest.raises(ConfigError, match="sharpen_decay <= 1"):
         load_config(None, ["catalog=x.jsonl", "encoder_guard.sharpen_decay=2"])
+    with pytest.raises(ConfigError, match="gate_extend_steps >= 1"):
+        load_config(None, ["catalog=x.jsonl", "encoder_guard.gate_keep_drift=0.03", "encoder_guard.gate_extend_steps=0"])
 
 
 def test_the_keep_batch_is_its_own_size_or_the_protected_batch(world_catalog, tmp_path):

@@ -156,14 +156,18 @@ class Protector:
         job killed afterwards does not redo it. A checkpoint of another config or catalog is refused, as
         the UNet's are; one made after another UNet step is stale and redone. Raising
         `encoder_guard.sharpen_steps` on a finished run's out extends its guard from where it ended, as
-        if the larger number had been asked first (a catalog that needs more steps than one job's budget)."""
+        if the larger number had been asked first (a catalog that needs more steps than one job's budget).
+        With a release gate (`encoder_guard.gate_*`) a guard that ends above it is extended the same way,
+        `gate_extend_steps` at a time, and the stats say where it ended (`gate`)."""
         g = self.cfg.encoder_guard
         if not g.enabled or self.rank != 0:
             return None
         ckdir = self.out / "checkpoints"
         done, partial = ckdir / "encoder-guard.pt", ckdir / "encoder-guard-partial.pt"
         stamp = {"fingerprint": self.fingerprint(), "step": self.step}
-        total = g.steps + g.sharpen_steps
+        gated = bool(g.gate_keep_drift or g.gate_latent_gap)
+        levels = [g.steps + g.sharpen_steps + k * g.gate_extend_steps
+                  for k in range(g.gate_max_extensions + 1 if gated else 1)]
 
         def load_matching(path: Path) -> dict | None:
             if not path.is_file():
@@ -174,10 +178,10 @@ class Protector:
                                  f"({state.get('fingerprint')} vs {stamp['fingerprint']}); use a new --out or the same inputs")
             if state.get("step") != stamp["step"]:
                 return None
-            if state["guard"]["step"] > total:
+            if state["guard"]["step"] > levels[-1]:
                 raise ValueError(f"{path}: the encoder guard ran {state['guard']['step']} steps there, the config asks "
-                                 f"{total}; a guard can be extended (more encoder_guard.sharpen_steps), not shortened: "
-                                 "use a new --out")
+                                 f"{levels[0]}" + (f" (at most {levels[-1]} with the release gate's extensions)" if gated else "")
+                                 + "; a guard can be extended (more encoder_guard.sharpen_steps), not shortened: use a new --out")
             return state
 
         def save(state: dict, path: Path) -> None:
@@ -186,35 +190,70 @@ class Protector:
             torch.save({**stamp, **state}, tmp)
             tmp.replace(path)
 
-        finished = load_matching(done)
-        if finished is not None and finished["guard"]["step"] == total:
-            self.pipe.vae.load_state_dict(finished["vae"])
-            return {**finished["stats"], "job_seconds": 0.0}   # loaded: this job ran none of it
-        resume = load_matching(partial) or finished   # a killed extension has both; the partial is further on
+        original = copy.deepcopy(self.pipe.vae.state_dict())   # the teacher of the guard and of every extension
+        job_seconds = 0.0
+        for extensions, total in enumerate(levels):
+            finished, resume = load_matching(done), load_matching(partial)
+            if any(s is not None and s["guard"]["step"] > total for s in (finished, resume)):
+                continue   # an earlier job already extended past this length
+            if finished is not None and finished["guard"]["step"] == total:
+                self.pipe.vae.load_state_dict(finished["vae"])
+                stats = dict(finished["stats"])   # loaded: this job ran none of it
+            else:
+                stats = self._guard_run(total, resume or finished, original,
+                                        lambda guard: save({"guard": guard}, partial), save, done)
+                partial.unlink(missing_ok=True)
+                job_seconds += stats["job_seconds"]
+            passed = self._gate_passed(stats)
+            if passed or extensions == len(levels) - 1:
+                break
+            if self.progress:
+                tqdm.write(f"encoder guard: release gate not met after {total} steps (keep drift "
+                           f"{stats['keep_drift']['mean'] if 'keep_drift' in stats else '-'}, latent gap "
+                           f"{stats['latent_gap']}); {g.gate_extend_steps} more sharpening steps")
+        stats["job_seconds"] = job_seconds
+        if gated:
+            stats["gate"] = {"keep_drift": g.gate_keep_drift, "latent_gap": g.gate_latent_gap, "passed": passed,
+                             "extensions": extensions, "sharpen_steps": total - g.steps}
+            if not passed:
+                tqdm.write(f"encoder guard: WARNING the release gate is not met after {extensions} extensions "
+                           f"({total} steps): keep drift {stats.get('keep_drift')}, latent gap {stats['latent_gap']}; "
+                           "the release is written, its manifest says encoder_guard.gate.passed = false")
+        return stats
+
+    def _gate_passed(self, stats: dict) -> bool:
+        """Whether a guard's end meets `encoder_guard.gate_keep_drift` / `gate_latent_gap` (0: not checked)."""
+        g = self.cfg.encoder_guard
+        drift_ok = not g.gate_keep_drift or "keep_drift" not in stats or stats["keep_drift"]["mean"] <= g.gate_keep_drift
+        gap_ok = not g.gate_latent_gap or max(stats["latent_gap"].values()) <= g.gate_latent_gap
+        return drift_ok and gap_ok
+
+    def _guard_run(self, total: int, resume: dict | None, original: dict, checkpoint, save, done: Path) -> dict:
+        """One call of the guard up to `total` steps, from `resume` where given; the result saved to `done`."""
+        g = self.cfg.encoder_guard
         skip = resume["guard"]["step"] if resume is not None else 0
         if resume is not None and self.progress:
-            tqdm.write(f"encoder guard: resuming at step {skip} of {total} from "
-                       f"{partial if resume is not finished else done}")
+            tqdm.write(f"encoder guard: resuming at step {skip} of {total}")
         samples = encoder_guard.entry_samples(self.protected, g.transplant)
         known = [load_images(e.backgrounds, 64) for e in self.entries if e.backgrounds is not None]
         unprotected = torch.cat([load_images(e.images, 64) for e in self.unprotected]) if self.unprotected else None
 
         keep_photos = encoder_guard.KeepPhotos(unprotected, self.guard_keep_split[1], self.cfg.seed + 17,
                                                g.keep_mining) if unprotected is not None else None
+        self.pipe.vae.load_state_dict(original)   # guard_encoder's vae is the unguarded encoder (its teacher)
         vae, last = self.pipe.vae.float(), {}
         stats = encoder_guard.guard_encoder(
             vae, samples, self.guard_keep_batches(keep_photos, skip), steps=g.steps, lr=g.lr, batch=g.batch,
             keep_weight=g.keep_weight,
             objective_weights={"target": g.target_weight}, augment_photos=g.augment, paste_fraction=g.paste_fraction,
             sharpen_paste_fraction=None if g.sharpen_paste_fraction == -1 else g.sharpen_paste_fraction,
-            sharpen_steps=g.sharpen_steps, sharpen_lr=g.sharpen_lr, sharpen_decay=g.sharpen_decay,
+            sharpen_steps=total - g.steps, sharpen_lr=g.sharpen_lr, sharpen_decay=g.sharpen_decay,
             backgrounds=torch.cat(known) if known else None, seed=self.cfg.seed, progress=self.progress,
             resume=resume["guard"] if resume is not None else None, keep_photos=keep_photos,
             protect_mining=g.protect_mining, mining_every=g.mining_every,
-            checkpoint=lambda guard: last.update(guard=guard) or save({"guard": guard}, partial),
+            checkpoint=lambda guard: last.update(guard=guard) or checkpoint(guard),
             checkpoint_every=self.cfg.checkpoint_every)
         save({"vae": vae.state_dict(), "stats": stats, "guard": last["guard"]}, done)
-        partial.unlink(missing_ok=True)
         return stats
 
     @property
@@ -534,7 +573,8 @@ class Protector:
         cfg = self.cfg.to_dict()
         for where in ("out", "steps", "logging", "cluster"):   # may change between a run and its resume
             cfg.pop(where)
-        cfg["encoder_guard"].pop("sharpen_steps")   # may grow: the guard is extended (implant_encoder_guard)
+        for key in ("sharpen_steps", "gate_keep_drift", "gate_latent_gap", "gate_extend_steps", "gate_max_extensions"):
+            cfg["encoder_guard"].pop(key)   # may change: the guard is extended (implant_encoder_guard)
         if not cfg["encoder_guard"]["keep_batch"]:   # added in session 15: at its default, runs from before resume
             cfg["encoder_guard"].pop("keep_batch")
         if cfg["encoder_guard"]["sharpen_paste_fraction"] == -1:   # added in session 20, likewise
