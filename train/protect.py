@@ -200,8 +200,7 @@ class Protector:
                 self.pipe.vae.load_state_dict(finished["vae"])
                 stats = dict(finished["stats"])   # loaded: this job ran none of it
             else:
-                stats = self._guard_run(total, resume or finished, original,
-                                        lambda guard: save({"guard": guard}, partial), save, done)
+                stats = self._guard_run(total, resume or finished, original, save, partial, done)
                 partial.unlink(missing_ok=True)
                 job_seconds += stats["job_seconds"]
             passed = self._gate_passed(stats)
@@ -228,8 +227,9 @@ class Protector:
         gap_ok = not g.gate_latent_gap or max(stats["latent_gap"].values()) <= g.gate_latent_gap
         return drift_ok and gap_ok
 
-    def _guard_run(self, total: int, resume: dict | None, original: dict, checkpoint, save, done: Path) -> dict:
-        """One call of the guard up to `total` steps, from `resume` where given; the result saved to `done`."""
+    def _guard_run(self, total: int, resume: dict | None, original: dict, save, partial: Path, done: Path) -> dict:
+        """One call of the guard up to `total` steps, from `resume` where given: its checkpoints `save`d to
+        `partial`, the result to `done`."""
         g = self.cfg.encoder_guard
         skip = resume["guard"]["step"] if resume is not None else 0
         if resume is not None and self.progress:
@@ -251,7 +251,7 @@ class Protector:
             backgrounds=torch.cat(known) if known else None, seed=self.cfg.seed, progress=self.progress,
             resume=resume["guard"] if resume is not None else None, keep_photos=keep_photos,
             protect_mining=g.protect_mining, mining_every=g.mining_every,
-            checkpoint=lambda guard: last.update(guard=guard) or checkpoint(guard),
+            checkpoint=lambda guard: last.update(guard=guard) or save({"guard": guard}, partial),
             checkpoint_every=self.cfg.checkpoint_every)
         save({"vae": vae.state_dict(), "stats": stats, "guard": last["guard"]}, done)
         return stats
