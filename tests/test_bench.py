@@ -62,6 +62,9 @@ def test_bench_times_each_term_against_a_plain_dreambooth_step(world_catalog, tm
     lo, hi = sorted((g["augmented_ratio_to_plain"], g["sharpen_ratio_to_plain"]))
     assert lo <= g["config_mean_ratio_to_plain"] <= hi   # the two phases weighted by the config's step counts
     assert "guard step, augmented" in (tmp_path / "bench.md").read_text()
+    # the default config trains no UNet step, so its cost is judged on the guard's steps
+    assert r["config_unet_steps"] == 0 and r["acceptance"]["protecting_step"] == "encoder guard"
+    assert r["acceptance"]["guard_step_ratio_ok"] == (g["config_mean_ratio_to_plain"] <= 3.0)
     assert r["catalog_cost_ratio_128_vs_1"] is None   # 128 was not measured
     assert "not time-to-acceptance" in (tmp_path / "bench.md").read_text()
     assert "PersGuard step" in capsys.readouterr().out
