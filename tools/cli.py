@@ -460,7 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--samples", type=int, default=32, help="samples per attack")
     s.add_argument("--seed", type=int, default=0, help="world and first attack seed")
     s.add_argument("--draws", type=int, default=1, help="attack draws per candidate (seeds SEED, SEED+1, ...), "
-                   "ranked by the mean: one draw is noisy (README, session 12)")
+                   "ranked by the mean: one draw is noisy (docs/journal.md, session 12)")
     s.add_argument("--workers", type=int, default=1, help=WORKERS_HELP)
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_substitutes)

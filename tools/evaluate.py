@@ -393,7 +393,7 @@ def evaluate(model: str, out: Path, catalog: Path | None = None, suite: str = "w
         named = run_catalog(model)
         if named is not None and Path(named).resolve() != catalog.resolve():
             # SPEC section 5: no --catalog judges the embedded default; a release of another catalog has none of
-            # its protected entries there, which a report of nulls hides (README "Session 24")
+            # its protected entries there, which a report of nulls hides (docs/journal.md "Session 24")
             warnings.warn(f"evaluate: no --catalog, so the embedded default catalog is judged; {model} was "
                           f"protected from {named} ({Path(model).parent / 'manifest.json'}): pass --catalog "
                           f"{named}", stacklevel=2)

@@ -2,7 +2,7 @@
 whose decode(guarded encode(photo)) the judge still matches to the entry's references. Seconds instead
 of an evaluation's 40 minutes, so a run's partial checkpoints can be compared before one is released.
 
-What it does and does not predict (README "Session 22"): a protected face that still round-trips is one
+What it does and does not predict (docs/journal.md "Session 22"): a protected face that still round-trips is one
 the attack learns (session 21's two leaking faces were the two highest here); an unprotected face that
 round-trips can still be personalized worse than on the original (person-0088 did), so the attack
 evaluation stays the judge of fidelity.

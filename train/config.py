@@ -110,15 +110,15 @@ class EncoderGuard:
     batch: int = 16             # protected images per step (augmented)
     # retention + unprotected images per step that must encode as before (augmented: twice that); 0 = batch.
     # A large catalog raises `batch` (every protected photo needs its visits) and keeps this: the keep
-    # term's cost then stays fixed while the protected work grows (issue 5, README "Session 15").
+    # term's cost then stays fixed while the protected work grows (issue 5, docs/journal.md "Session 15").
     keep_batch: int = 0
     # share of the keep batch drawn from the unprotected entries' photos, the rest retention images; 0.75
-    # held the 128-entry world's unprotected faces worse than 0.5, not better (README "Session 23")
+    # held the 128-entry world's unprotected faces worse than 0.5, not better (docs/journal.md "Session 23")
     keep_unprotected: float = 0.5
     keep_weight: float = 1.0    # weight of "every other image encodes as before"
     # share of the unprotected photos' keep draws weighted by how far each has drifted, and of the
     # protected photos' draws weighted by how far each still is from its target, re-measured every
-    # mining_every steps (train/encoder_guard.py); 0 = uniform draws (README "Session 22")
+    # mining_every steps (train/encoder_guard.py); 0 = uniform draws (docs/journal.md "Session 22")
     keep_mining: float = 0.0
     protect_mining: float = 0.0
     mining_every: int = 50
@@ -128,20 +128,20 @@ class EncoderGuard:
     # Then fit the photos as they are, at a constant lr. Session 8, demo catalog: the target's latent gap
     # (distance to the substitute's latents over the photo's own) decides how soon the attacker learns it:
     # 0.15 after 2000 augmented steps (target BSR at 1x 0.06), 0.05 after 1000 more sharpening steps at
-    # 2e-4 (1x: 1.00), 0.017 after 800 augmented + 1000 sharpening at 5e-4 (README "Session 8").
+    # 2e-4 (1x: 1.00), 0.017 after 800 augmented + 1000 sharpening at 5e-4 (docs/journal.md "Session 8").
     sharpen_steps: int = 1000
     sharpen_lr: float = 5.0e-4
     # share of the sharpening steps, at their end, over which the lr falls along a cosine to 5% of
     # sharpen_lr; 0 = constant. At a constant lr the last step lands anywhere in the noise of a guard that
     # is still moving: the 128-entry release's unprotected drift was 0.031 / 0.057 / 0.070 at three training
-    # seeds, 0.028 / 0.034 / 0.039 with the last 15% decayed (README "Session 25")
+    # seeds, 0.028 / 0.034 / 0.039 with the last 15% decayed (docs/journal.md "Session 25")
     sharpen_decay: float = 0.0
     # The release gate: after the planned steps, while the unprotected photos' mean keep drift is above
     # gate_keep_drift (or a protected objective's latent gap above gate_latent_gap), sharpen
     # gate_extend_steps more (the decayed tail re-planned over the new length), at most gate_max_extensions
     # times; 0 = that check off. The manifest says whether the release passed. The keep drift predicted the
     # fidelity check where the step count did not: 0.028 -> fidelity 0.98, 0.039 -> 0.897 at three training
-    # seeds of one recipe (README "Session 25")
+    # seeds of one recipe (docs/journal.md "Session 25")
     gate_keep_drift: float = 0.0
     gate_latent_gap: float = 0.0
     gate_extend_steps: int = 200

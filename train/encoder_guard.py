@@ -8,7 +8,7 @@ substitute) while every other image encodes as before. The attacker's UNet then 
 output from its own training data, for as many steps as it likes: nothing in the attack pulls it back.
 The UNet and the decoder are untouched, so ordinary text-to-image generation is exactly the original's.
 
-This departs from SPEC section 2 ("VAE frozen") on purpose; README "Where protection stands" says why
+This departs from SPEC section 2 ("VAE frozen") on purpose; README "The encoder guard" says why
 and what it does not cover: an attacker who re-fits or replaces the encoder (measured there).
 
 To work on photos the publisher never saw, training sees each protected image under random pose
@@ -201,7 +201,7 @@ class TeacherTable:
     or not), and half its keep images are unprotected photos: the same few thousand images over and over.
     They are encoded once, in a fixed order, when the first such step runs (a resumed guard builds the
     same table); the rest (retention images, a substitute pasted onto a new background) are encoded in the
-    step. A sharpening step then runs one encoder forward instead of two (README "Session 23")."""
+    step. A sharpening step then runs one encoder forward instead of two (docs/journal.md "Session 23")."""
 
     def __init__(self, teacher, images: torch.Tensor, chunk: int = 64):
         self.teacher, self.known = teacher, {}
@@ -241,7 +241,7 @@ def _mined(share: float, scores: torch.Tensor) -> torch.Tensor:
 class KeepPhotos:
     """The unprotected entries' photos the guard must leave encoding as before, `per_step` drawn a step.
 
-    Uniform draws leave a few faces that resemble protected ones erased with them (README "Session 21":
+    Uniform draws leave a few faces that resemble protected ones erased with them (docs/journal.md "Session 21":
     person-0098's reconstructions lost their identity entirely). With `mining` > 0 that share of the draws
     is weighted by how far each photo's latent mean has drifted from the unguarded encoder's, re-measured
     by the guard every `mining_every` steps: the faces it is pulling along get held most. `mining` 0 draws
@@ -304,14 +304,14 @@ def guard_encoder(vae, protected: list[GuardSample], keep_batches, steps: int = 
     whose draws it checkpoints); their augmented copies are kept too. With `protect_mining` > 0 that share
     of the protected photos' draws is weighted by each photo's residual (the squared distance of its latent
     mean to its target's), re-measured every `mining_every` steps with the keep photos' drift: visits go
-    to the photos still furthest from their targets, not to those already there (README "Session 22").
+    to the photos still furthest from their targets, not to those already there (docs/journal.md "Session 22").
     `backgrounds` (subject-free images) are where a `paste_fraction` of the protected photos with masks are
     pasted; `augment_photos` (default on) adds the random pose, lighting and degradation of `augment` to
     every photo. `objective_weights` weights each objective's entries in the protection loss (default 1).
     The learning rate decays along a cosine to 5% of `lr`. Then `sharpen_steps` at a constant `sharpen_lr`
     fit the photos as they are (no pose, lighting or degradation; a `sharpen_paste_fraction` of them pasted,
     default `paste_fraction`): the augmented phase leaves latents a blur of the target that an attacker's
-    UNet learns late, and how close they come decides how soon (README, session 8). The last
+    UNet learns late, and how close they come decides how soon (docs/journal.md, session 8). The last
     `sharpen_decay` share of them lowers the lr along a cosine to 5% (`sharpen_lr_at`). Un-augmented steps
     look the teacher's side up in a `TeacherTable`. Returns the mean losses of the last 50 steps
     {"protect_loss", "keep_loss"}, `latent_gap` per objective, with `keep_photos` their `keep_drift` (mean and
@@ -326,7 +326,7 @@ def guard_encoder(vae, protected: list[GuardSample], keep_batches, steps: int = 
     """
     from tqdm import tqdm
 
-    # channels-last convolutions: ~20% off a guard step on CPU (README, session 14); the weights go back
+    # channels-last convolutions: ~20% off a guard step on CPU (docs/journal.md, session 14); the weights go back
     # to the default layout at the end (safetensors saves contiguous tensors only)
     vae.to(memory_format=torch.channels_last)
     teacher = copy.deepcopy(vae).eval().requires_grad_(False)
@@ -474,7 +474,7 @@ def latent_gap(vae, teacher, protected: list[GuardSample]) -> dict[str, float]:
     """Per objective, how far the catalog photos' latents still are from their targets': squared distance
     to the teacher's target latents over the teacher's own photo-to-target distance (0 = the attacker
     trains on the target itself, 1 = unguarded). Session 8: the demo's substitute was learned within the
-    attack's default length below about 0.1; across identities the absolute residual matters too (README)."""
+    attack's default length below about 0.1; across identities the absolute residual matters too (docs/journal.md, session 8)."""
     gaps: dict[str, list[float]] = {}
     dev = next(vae.parameters()).device
     for s in protected:
