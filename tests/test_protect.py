@@ -2,6 +2,7 @@
 import dataclasses
 import math
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -50,6 +51,8 @@ def test_protect_trains_resumes_and_releases_a_stock_pipeline(protect_catalog, t
     assert set(manifest["metrics"]["probe"]) == {"probe/bsr/pattern"}   # a prompt-only target has no judge
     # where its seconds were measured: a wall time compares with another's only under the same setting
     assert manifest["metrics"]["machine"]["torch_threads"] == torch.get_num_threads()
+    if Path("/proc/cpuinfo").is_file():   # and on which CPU model: two machines' seconds do not compare
+        assert manifest["metrics"]["machine"]["device_name"].startswith("cpu: ")
     # one offline W&B run across the resume, next to (not inside) the released folder
     runs = list((out / "wandb").glob("offline-run-*"))
     assert runs and all(r.name.endswith((out / "wandb-run-id").read_text().strip()) for r in runs)

@@ -60,11 +60,23 @@ TEXT_TOKENS = 77
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0, "L4": 121.0}
 
 
+def cpu_model() -> str:
+    """The CPU's model name ("cpu" where the OS does not say): two machines' seconds compare only when it matches
+    (the development machines changed from an Intel CPU with AMX to an AVX2-only AMD one in session 27)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return "cpu: " + line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "cpu"
+
+
 def machine(device: torch.device) -> dict:
     """Where the numbers were measured (they only compare within one machine)."""
     info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "python": platform.python_version(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(), "device": str(device), "device_name": "cpu",
+            "torch_threads": torch.get_num_threads(), "device": str(device), "device_name": cpu_model(),
             "load_average": list(os.getloadavg())}
     try:
         import psutil
