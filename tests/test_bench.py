@@ -108,10 +108,10 @@ def test_the_sdxl_matrix_records_each_row_and_a_failing_knob_does_not_stop_it(tm
 
 
 def _finished_run(folder, protected, unprotected, seconds, guard=None, bsr=1.0, identity=0.0, objectives=None,
-                  threads=None):
+                  threads=None, ranks=None):
     folder.mkdir(parents=True)
     config = {"encoder_guard": {"steps": 800, "sharpen_steps": 800, "batch": 16}}
-    metrics = {"seconds": seconds, "encoder_guard": guard}
+    metrics = {"seconds": seconds, "encoder_guard": guard, **({"world_size": ranks} if ranks else {})}
     if threads:   # what protect records since session 25 (tools.bench_sdxl.machine)
         metrics["machine"] = {"device_name": "cpu", "device": "cpu", "cpu_count": 2, "torch_threads": threads}
     (folder / "manifest.json").write_text(json.dumps({"config": config, "entries": {
@@ -195,6 +195,11 @@ def test_wall_times_measured_under_different_thread_counts_are_not_compared(tmp_
     both_cores = _finished_run(tmp_path / "c128-2t", 64, 64, 390.0, threads=2)
     with pytest.raises(ValueError, match=r"different settings.*1 torch thread\(s\): .*c1-1t.*c128-1t; .*2 torch thread"):
         time_to_acceptance([one, big, both_cores])
+    two_ranks = _finished_run(tmp_path / "c128-2r", 64, 64, 380.0, threads=1, ranks=2)   # a data-parallel guard
+    with pytest.raises(ValueError, match=r"1 torch thread\(s\): .*c1-1t.*c128-1t; .*1 torch thread\(s\) x 2 ranks: .*c128-2r"):
+        time_to_acceptance([one, big, two_ranks])
+    assert time_to_acceptance([one, _finished_run(tmp_path / "c1-1r", 1, 0, 14.0, threads=1, ranks=1), big])[
+        "timed_on"] == "cpu (cpu), 2 CPUs, 1 torch thread(s)"   # one rank is the setting it always was
     unrecorded = _finished_run(tmp_path / "c1-old", 1, 0, 12.0)   # a manifest from before the setting was recorded
     with pytest.raises(ValueError, match="not recorded: .*c1-old"):
         time_to_acceptance([unrecorded, big])

@@ -78,12 +78,11 @@ def assert_same_curve(a: list[dict], b: list[dict]) -> None:
             assert rb[key] == pytest.approx(ra[key], rel=RTOL, abs=1e-9), (ra["step"], key)
 
 
-def assert_same_weights(a: dict, b: dict) -> None:
+def assert_same_weights(a: dict, b: dict, lr: float = 1e-4) -> None:
     """Adam divides by sqrt(v): where a gradient is at rounding level, its update is still up to lr, so a
     handful of weights may differ by a fraction of lr (measured after 4 steps: max 0.1-0.43 lr on 0.003%
-    of the weights, mean 1e-5 lr). Tolerance: mean <= 1e-3 lr, at most 0.1% of the weights off by more
+    of the weights, mean 1e-5 lr). `lr`: the runs' (the UNet's config default, 1e-4). Tolerance: mean <= 1e-3 lr, at most 0.1% of the weights off by more
     than 0.01 lr. (A wrong gradient, e.g. checkpointed functional calls, moves most weights.)"""
-    lr = 1e-4   # the config default the runs use
     assert a.keys() == b.keys()
     diff = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
     off = (diff > 0.01 * lr).float().mean().item()
@@ -135,3 +134,43 @@ def test_a_sigkilled_job_resumes_to_the_same_weights(ds_catalog, reference, tmp_
     curve = run(ds_catalog, out, "deepspeed=configs/zero2.json")
     assert [r["step"] for r in curve] == list(range(1, STEPS + 1))
     assert_same_weights(released(ref_out), released(out))
+
+
+# a guard-only job: 5 protected photos a step over 2 ranks are shares of 3 and 2, and the keep batch (1
+# retention image, 1 unprotected photo, doubled by augmentation in the first phase) splits unevenly too
+GUARD = ["steps=0", "encoder_guard.enabled=true", "encoder_guard.steps=3", "encoder_guard.batch=5",
+         "encoder_guard.keep_batch=3", "encoder_guard.keep_mining=0.5", "encoder_guard.mining_every=2",
+         "encoder_guard.lr=1e-3", "encoder_guard.sharpen_lr=1e-3", "encoder_guard.sharpen_decay=0"]
+
+
+def released_encoder(out: Path) -> dict[str, torch.Tensor]:
+    vae = load_file(out / "protected" / "vae" / "diffusion_pytorch_model.safetensors")
+    return {k: v for k, v in vae.items() if k.startswith(("encoder.", "quant_conv."))}
+
+
+def test_the_encoder_guard_shares_its_steps_over_the_ranks(ds_catalog, tmp_path):
+    """Two ranks guard the encoder data parallel: the release and its losses are one process's on the same
+    batches. The 2-rank guard is stopped after 2 sharpening steps and extended to 4 by a second job, so
+    every rank also loads the finished guard rank 0 wrote."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    run(ds_catalog, one, *GUARD, "encoder_guard.sharpen_steps=4", ranks=1)
+    run(ds_catalog, two, *GUARD, "encoder_guard.sharpen_steps=2", "deepspeed=configs/zero2.json")
+    first = released_encoder(two)
+    run(ds_catalog, two, *GUARD, "encoder_guard.sharpen_steps=4", "deepspeed=configs/zero2.json")
+    m1, m2 = (json.loads((out / "manifest.json").read_text()) for out in (one, two))
+    assert (m1["world_size"], m2["world_size"]) == (1, 2)
+    g1, g2 = m1["metrics"]["encoder_guard"], m2["metrics"]["encoder_guard"]
+    for key in ("protect_loss", "keep_loss"):   # the means over the 7 steps: the whole batch's, not a share's
+        assert g2[key] == pytest.approx(g1[key], rel=1e-4), key
+    assert g2["latent_gap"] == pytest.approx(g1["latent_gap"], rel=1e-3)
+    assert g2["keep_drift"] == pytest.approx(g1["keep_drift"], rel=1e-3)
+    assert_same_weights(released_encoder(one), released_encoder(two), lr=1e-3)
+    assert any(not torch.equal(v, first[k]) for k, v in released_encoder(two).items())   # extended, not reloaded
+    assert not (two / "checkpoints" / "encoder-guard-partial.pt").exists()
+
+
+def test_a_job_on_several_ranks_without_deepspeed_is_refused(ds_catalog, tmp_path):
+    proc = subprocess.run(_command(ds_catalog, tmp_path, ["steps=0", "encoder_guard.enabled=true"], 2),
+                          env=_env(2), capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0 and "launched on 2 ranks without a DeepSpeed config" in proc.stderr
+    assert not (tmp_path / "protected").exists()

@@ -196,6 +196,47 @@ def test_a_guard_stopped_midway_goes_on_exactly_from_its_checkpoint(world_catalo
             assert torch.equal(v, whole[k]), k
 
 
+def test_micro_batches_and_gradient_checkpointing_take_the_same_steps(world_catalog):
+    """The memory knobs change how a step is computed, not which step: 5 photos in passes of 2 (3 passes,
+    the keep images shared out alike) and recomputed blocks release the one-pass encoder up to float order."""
+    e = _entry(world_catalog)
+    images, backgrounds = load_images(e.images, 64), load_images(e.backgrounds, 64)
+    sample = guard_sample(e.id, "erasure", images, backgrounds)
+    keep = load_images(_entry(world_catalog, 2).images, 64)
+
+    def run(**kw):
+        vae = load_pipeline("tiny-sd").vae
+        calls = {"encoder": 0, "block": 0}
+        vae.encoder.register_forward_hook(lambda *a: calls.update(encoder=calls["encoder"] + torch.is_grad_enabled()))
+        # a pre-hook: the recomputation in backward stops once it has what backward needs, before a block returns
+        vae.encoder.down_blocks[0].register_forward_pre_hook(lambda *a: calls.update(block=calls["block"] + 1))
+        photos = KeepPhotos(keep, 3, seed=5)
+
+        def keep_batches():
+            while True:
+                yield photos.draw()
+        stats = guard_encoder(vae, [sample], keep_batches(), steps=2, lr=1e-3, batch=5, sharpen_steps=2,
+                              backgrounds=backgrounds, seed=3, progress=False, keep_photos=photos, **kw)
+        assert not vae.encoder.gradient_checkpointing   # the released module is left as it was
+        return vae.encoder.state_dict(), stats, calls
+
+    whole, ref, ref_calls = run()
+    assert ref_calls["encoder"] == 4 * 2   # 4 steps: the photos, then the keep images
+    # encoder calls a step: 3 passes of photos with keep images, 2 as without the knobs, 5 passes
+    for kw, passes in (({"micro_batch": 2}, 3), ({"gradient_checkpointing": True}, 2),
+                       ({"micro_batch": 1, "gradient_checkpointing": True}, 5)):
+        weights, stats, calls = run(**kw)
+        assert calls["encoder"] == 4 * passes, kw
+        # the block's calls: one per encoder call, with or without gradients (the teacher's too), and once
+        # more per encoder call with gradients where backward recomputed it
+        again = calls["encoder"] if kw.get("gradient_checkpointing") else 0
+        assert calls["block"] - calls["encoder"] - again == ref_calls["block"] - ref_calls["encoder"], kw
+        for key in ("protect_loss", "keep_loss"):
+            assert stats[key] == pytest.approx(ref[key], rel=1e-4), (kw, key)
+        diff = torch.cat([(weights[k] - whole[k]).abs().flatten() for k in whole])
+        assert diff.mean() <= 1e-3 * 1e-3 and (diff > 1e-5).float().mean() <= 1e-3, (kw, diff.mean(), diff.max())
+
+
 def test_the_teacher_table_gives_the_teachers_moments_seen_or_not(world_catalog):
     teacher = load_pipeline("tiny-sd").vae
     seen, new = load_images(_entry(world_catalog).images, 64), load_images(_entry(world_catalog, 2).images, 64)

@@ -57,11 +57,12 @@ TERMS = ("behaviour", "prior", "retention", "selectivity")
 
 
 class TimedProtector(Protector):
-    """The trainer, unchanged, with its one-time latent caching timed."""
+    """The trainer, unchanged, with its one-time latent caching done at set-up and timed."""
 
-    def _cache_latents(self):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         t = time.perf_counter()
-        super()._cache_latents()
+        self._latent_cache   # encoded at first use otherwise (the first step)
         self.cache_seconds = time.perf_counter() - t
 
 
@@ -396,12 +397,15 @@ def time_to_acceptance(runs: list[Path], evaluation: str = "eval") -> dict:
 
 
 def timing_setting(metrics: dict) -> str:
-    """Where a protect run's seconds were measured, as far as they compare: the device, its CPU count and
-    torch's threads (manifests from before session 25 did not record it: "not recorded")."""
+    """Where a protect run's seconds were measured, as far as they compare: the device, its CPU count,
+    torch's threads and, for a job of several ranks, how many (manifests from before session 25 did not
+    record it: "not recorded")."""
     m = metrics.get("machine")
     if not m:
         return "not recorded"
-    return f"{m['device_name']} ({m['device']}), {m['cpu_count']} CPUs, {m['torch_threads']} torch thread(s)"
+    ranks = metrics.get("world_size", 1)
+    return (f"{m['device_name']} ({m['device']}), {m['cpu_count']} CPUs, {m['torch_threads']} torch thread(s)"
+            + (f" x {ranks} ranks" if ranks > 1 else ""))
 
 
 def _quickest_accepted(rows: list[dict], key) -> dict:

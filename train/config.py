@@ -152,6 +152,13 @@ class EncoderGuard:
     # (weight 3) 0.03 / 0.06 / 0.56 / 0.75 / 1.00; fixed picture (weight 1) 0.00 / 0.00 / 0.00 / 0.12 / 0.53.
     transplant: bool = True
     target_weight: float = 3.0  # weight of target-objective entries in the protection loss
+    # Memory, not maths (an SDXL-size encoder at 1024 px holds gigabytes of activations per photo): at most
+    # micro_batch protected photos (with their share of the keep images) per forward + backward, the
+    # gradients summed into the step's (0: a rank's whole share at once), and the encoder's blocks
+    # recomputed in backward instead of kept. Either gives the step one pass would, up to floating-point
+    # order; a run may resume with other values.
+    micro_batch: int = 0
+    gradient_checkpointing: bool = False
 
 
 @dataclass
@@ -267,12 +274,13 @@ class ProtectConfig:
                 or not (0 <= g.sharpen_paste_fraction <= 1 or g.sharpen_paste_fraction == -1) \
                 or not 0 <= g.keep_mining <= 1 or not 0 <= g.protect_mining <= 1 or g.mining_every < 1 \
                 or not 0 <= g.sharpen_decay <= 1 or not 0 < g.keep_unprotected < 1 \
-                or g.gate_keep_drift < 0 or g.gate_latent_gap < 0 or g.gate_extend_steps < 1 or g.gate_max_extensions < 0:
+                or g.gate_keep_drift < 0 or g.gate_latent_gap < 0 or g.gate_extend_steps < 1 or g.gate_max_extensions < 0 \
+                or g.micro_batch < 0:
             problems.append("encoder_guard: need steps >= 0, sharpen_steps >= 0, lr > 0, sharpen_lr > 0, batch >= 1, "
                             "keep_batch >= 0, keep_weight >= 0, target_weight > 0, 0 <= paste_fraction <= 1, "
                             "sharpen_paste_fraction -1 or in [0, 1], 0 <= keep_mining <= 1, 0 <= protect_mining <= 1, mining_every >= 1, "
                             "0 <= sharpen_decay <= 1, 0 < keep_unprotected < 1, gate_keep_drift >= 0, gate_latent_gap >= 0, "
-                            "gate_extend_steps >= 1, gate_max_extensions >= 0")
+                            "gate_extend_steps >= 1, gate_max_extensions >= 0, micro_batch >= 0")
         if problems:
             raise ConfigError(f"{source}: " + "; ".join(problems))
         return self

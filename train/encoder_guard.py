@@ -138,14 +138,18 @@ def _warp(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
-def _degrade(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
-    """A random scraper's degradation per image (a third stay clean)."""
+def _degrade(x: torch.Tensor, rng: np.random.Generator, only: slice = slice(None)) -> torch.Tensor:
+    """A random scraper's degradation per image (a third stay clean). Every image draws its degradation,
+    those outside `only` are returned as they are: a rank of a data-parallel guard degrades its own share
+    of a batch whose draws every rank makes alike."""
     out = []
-    for img in x:
+    mine = range(len(x))[only]
+    for i, img in enumerate(x):
         kind = rng.integers(6)
         spec = [None, None, f"jpeg:{rng.integers(30, 96)}", f"blur:{rng.uniform(0.3, 1.6):.2f}",
                 f"resize:{rng.uniform(0.35, 0.9):.2f}", f"noise:{rng.uniform(0.01, 0.08):.3f}"][kind]
-        out.append(transforms.apply(img[None], spec, seed=int(rng.integers(1 << 30)))[0])
+        seed = int(rng.integers(1 << 30))
+        out.append(transforms.apply(img[None], spec, seed=seed)[0] if i in mine else img)
     return torch.stack(out)
 
 
@@ -162,15 +166,16 @@ def _lighting(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 
 def augment(images: torch.Tensor, targets: torch.Tensor | None, gen: torch.Generator, rng: np.random.Generator,
-            moves: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+            moves: torch.Tensor | None = None, only: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A random pose change (shift, scale, rotation, flip), lighting and degradation of each image; the
-    pose change also applies to the targets where `moves` says so (an erasure background stays aligned)."""
+    pose change also applies to the targets where `moves` says so (an erasure background stays aligned).
+    Images outside `only` are not degraded (`_degrade`)."""
     theta = _affine(len(images), gen, shift=0.2, scale=0.15, degrees=15)
     x = _warp(images, theta)
     y = None
     if targets is not None:
         y = torch.where(moves.view(-1, 1, 1, 1), _warp(targets, theta), targets) if moves is not None else targets
-    return _degrade(_lighting(x, gen), rng), y
+    return _degrade(_lighting(x, gen), rng, only), y
 
 
 def paste(images: torch.Tensor, targets: torch.Tensor, masks: torch.Tensor, target_masks: torch.Tensor,
@@ -183,11 +188,49 @@ def paste(images: torch.Tensor, targets: torch.Tensor, masks: torch.Tensor, targ
     return masks * images + (1 - masks) * bg, target_masks * targets + (1 - target_masks) * bg
 
 
+def _ranks() -> tuple[int, int]:
+    """(rank, world size) of the process group a guard shares its steps over: (0, 1) where there is none."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _share(n: int, rank: int, world: int) -> slice:
+    """Rank `rank`'s contiguous share of `n` items (the first `n % world` ranks take one more)."""
+    base, extra = divmod(n, world)
+    start = rank * base + min(rank, extra)
+    return slice(start, start + base + (rank < extra))
+
+
+def _gathered(fn: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, dev: torch.device) -> torch.Tensor:
+    """`fn(images)`, each rank of a data-parallel guard computing its own share, gathered on every rank (a
+    collective: every rank calls it); in one process, `fn(images)` itself."""
+    rank, world = _ranks()
+    if world == 1:
+        return fn(images)
+    import torch.distributed as dist
+
+    shares = [_share(len(images), r, world) for r in range(world)]
+    mine = fn(images[shares[rank]])
+    size = shares[0].stop - shares[0].start   # the largest share: every rank sends that many rows
+    padded = torch.zeros((size, *mine.shape[1:]), dtype=mine.dtype, device=dev)
+    padded[:len(mine)] = mine.to(dev)
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:s.stop - s.start] for p, s in zip(parts, shares)]).to(mine.device)
+
+
 def _means(model, images: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+    """Latent means of (N, 3, H, W) images in [0, 1], on the CPU (shared out over a data-parallel guard's ranks)."""
     dev = next(model.parameters()).device
-    with torch.no_grad():
-        return torch.cat([model.encode(images[i:i + chunk].to(dev) * 2 - 1).latent_dist.mean.cpu()
-                          for i in range(0, len(images), chunk)])
+
+    def means(part: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.cat([model.encode(part[i:i + chunk].to(dev) * 2 - 1).latent_dist.mean.cpu()
+                              for i in range(0, len(part), chunk)])
+    return _gathered(means, images, dev)
 
 
 def _key(image: torch.Tensor) -> bytes:
@@ -206,12 +249,12 @@ class TeacherTable:
     def __init__(self, teacher, images: torch.Tensor, chunk: int = 64):
         self.teacher, self.known = teacher, {}
         dev = next(teacher.parameters()).device
-        for i in range(0, len(images), chunk):
-            part = images[i:i + chunk]
+
+        def moments(part: torch.Tensor) -> torch.Tensor:   # a data-parallel guard's ranks share the encoding
             with torch.no_grad():
-                moments = _moments(teacher, part.to(dev))
-            for x, m in zip(part, moments):
-                self.known.setdefault(_key(x), m)
+                return torch.cat([_moments(teacher, part[i:i + chunk].to(dev)) for i in range(0, len(part), chunk)])
+        for x, m in zip(images, _gathered(moments, images, dev)):
+            self.known.setdefault(_key(x), m)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """Moments of (N, 3, H, W) CPU images in [0, 1], on the teacher's device."""
@@ -295,8 +338,9 @@ def guard_encoder(vae, protected: list[GuardSample], keep_batches, steps: int = 
                   objective_weights: dict[str, float] | None = None, augment_photos: bool = True,
                   sharpen_steps: int = 0, sharpen_lr: float = 5e-4, sharpen_decay: float = 0.0, seed: int = 0,
                   progress: bool = True, resume: dict | None = None, keep_photos: KeepPhotos | None = None,
-                  protect_mining: float = 0.0, mining_every: int = 50,
-                  checkpoint: Callable[[dict], None] | None = None, checkpoint_every: int = 0) -> dict:
+                  protect_mining: float = 0.0, mining_every: int = 50, micro_batch: int = 0,
+                  gradient_checkpointing: bool = False, checkpoint: Callable[[dict], None] | None = None,
+                  checkpoint_every: int = 0) -> dict:
     """Fine-tune `vae.encoder` (+ quant_conv) in place; the decoder is never touched.
 
     `keep_batches` yields (N, 3, H, W) images in [0, 1] that must encode as before (retention data, the
@@ -323,17 +367,42 @@ def guard_encoder(vae, protected: list[GuardSample], keep_batches, steps: int = 
     continues from it, the caller positioning `keep_batches` past the `state["step"]` batches already drawn.
     A finished run's last state resumed with more `sharpen_steps` goes on as if they had been asked first.
     `vae` must be the unguarded encoder either way: it is also the teacher.
+
+    Data parallel: called on every rank of an initialized process group, the guard shares each step
+    out. Every rank draws the same whole batch (same seeds, same keep stream), encodes its own contiguous
+    share of it through DistributedDataParallel, and the gradients are averaged, so every rank holds the
+    encoder one process would reach on the same batches, up to floating-point summation order
+    (tests/test_distributed.py); the mining and teacher-table encodings are shared out too.
+
+    Memory: `micro_batch` > 0 runs a rank's share in passes of at most that many protected photos (and
+    as many shares of its keep images), summing their gradients; `gradient_checkpointing` recomputes the
+    encoder's blocks in backward. Both give the same step up to floating-point order.
     """
     from tqdm import tqdm
 
+    rank, world = _ranks()
+    if world > 1 and batch < world:
+        raise ValueError(f"encoder guard: batch {batch} cannot be shared out over {world} ranks "
+                         "(one photo each at least)")
+    if gradient_checkpointing:   # diffusers' switch (the decoder's too: it runs without gradients, as the teacher)
+        vae.enable_gradient_checkpointing()
     # channels-last convolutions: ~20% off a guard step on CPU (docs/journal.md, session 14); the weights go back
     # to the default layout at the end (safetensors saves contiguous tensors only)
     vae.to(memory_format=torch.channels_last)
+    dev = next(vae.parameters()).device   # augmentation runs on the CPU (PIL for JPEG), the encoder wherever it is
     teacher = copy.deepcopy(vae).eval().requires_grad_(False)
     vae.requires_grad_(False)
     params = list(vae.encoder.parameters()) + (list(vae.quant_conv.parameters()) if vae.quant_conv is not None else [])
     for p in params:
         p.requires_grad_(True)
+    # one process in one pass: the encoder's own calls, as every release before data parallelism; else the
+    # step's losses are summed over passes and ranks, each normalized by the whole batch
+    student = _Student(vae) if micro_batch else None
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        student = DistributedDataParallel(_Student(vae), broadcast_buffers=False,
+                                          device_ids=[dev.index] if dev.type == "cuda" else None)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1), eta_min=lr * 0.05)
     gen = torch.Generator().manual_seed(seed)
@@ -371,7 +440,6 @@ def guard_encoder(vae, protected: list[GuardSample], keep_batches, steps: int = 
                 "seconds": before + time.perf_counter() - t0, "protect_weights": protect_weights,
                 **({"keep_photos": keep_photos.state_dict()} if keep_photos is not None else {})}
 
-    dev = next(vae.parameters()).device   # augmentation runs on the CPU (PIL for JPEG), the encoder wherever it is
     vae.encoder.train()
     for i in tqdm(range(start, total), initial=start, total=total, desc="encoder guard", disable=not progress):
         sharpening = i >= steps
@@ -395,9 +463,17 @@ def guard_encoder(vae, protected: list[GuardSample], keep_batches, steps: int = 
                 x, y = x.clone(), y.clone()
                 x[pick], y[pick] = px, py
         keep = next(keep_batches).cpu()
+        w = weight[idx]
+        mine = _share(batch, rank, world)   # this rank's share of the photos (all of them in one process)
         if augment_photos and not sharpening:
-            x, y = augment(x, y, gen, rng, moves[idx])
-            keep = torch.cat([keep, augment(keep, None, gen, rng)[0]])
+            x, y = augment(x, y, gen, rng, moves[idx], only=mine)
+            ours, kept = _share(2 * len(keep), rank, world), len(keep)   # the copies are the second half
+            copies = slice(max(ours.start - kept, 0), max(ours.stop - kept, 0))
+            keep = torch.cat([keep, augment(keep, None, gen, rng, only=copies)[0]])
+        whole_w, whole_keep = w.sum(), len(keep)
+        x, y, w = x[mine], y[mine], w[mine]
+        keep = keep[_share(whole_keep, rank, world)]
+        if augment_photos and not sharpening:
             with torch.no_grad():
                 want, keep_want = _moments(teacher, y.to(dev)), _moments(teacher, keep.to(dev))
         else:   # un-augmented: most of these images were seen before
@@ -406,25 +482,32 @@ def guard_encoder(vae, protected: list[GuardSample], keep_batches, steps: int = 
                     + ([keep_photos.photos] if keep_photos is not None else [])
                 table = TeacherTable(teacher, torch.cat(seen))
             want, keep_want = table(y), table(keep)
-        x, keep = x.to(dev), keep.to(dev)
-        got = _moments(vae, x)
-        w = weight[idx].to(dev).view(-1, 1, 1, 1)
-        loss_p = ((got - want) ** 2 * w).mean() / w.mean()
-        loss_k = F.mse_loss(_moments(vae, keep), keep_want)
-        loss = loss_p + keep_weight * loss_k
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"encoder guard: non-finite loss ({loss_p.item()}, {loss_k.item()})")
-        loss.backward()
+        x, keep, w = x.to(dev), keep.to(dev), w.to(dev).view(-1, 1, 1, 1)
+        if student is None:
+            got = _moments(vae, x)
+            loss_p = ((got - want) ** 2 * w).mean() / w.mean()
+            loss_k = F.mse_loss(_moments(vae, keep), keep_want)
+            loss = loss_p + keep_weight * loss_k
+            losses = torch.stack([loss_p.detach(), loss_k.detach()])
+        else:   # this rank's share of the whole batch's losses, in passes; DistributedDataParallel averages
+            losses = _passes(student, x, want, w, keep, keep_want, keep_weight, micro_batch, whole_w.item(),
+                             whole_keep, world)
+        if not torch.isfinite(losses).all():   # before the optimizer step: the weights stay as they were
+            raise FloatingPointError(f"encoder guard: non-finite loss ({losses[0].item()}, {losses[1].item()})")
+        if student is None:
+            loss.backward()
         opt.step()
         if not sharpening:
             sched.step()
         opt.zero_grad(set_to_none=True)
-        hist["protect_loss"].append(loss_p.item())
-        hist["keep_loss"].append(loss_k.item())
+        hist["protect_loss"].append(losses[0].item())
+        hist["keep_loss"].append(losses[1].item())
         if checkpoint is not None and checkpoint_every and (i + 1) % checkpoint_every == 0 and i + 1 < total:
             checkpoint(state(i + 1))
     if checkpoint is not None:
         checkpoint(state(total))
+    if gradient_checkpointing:
+        vae.disable_gradient_checkpointing()
     vae.eval().requires_grad_(False).to(memory_format=torch.contiguous_format)
     stats = {k: float(np.mean(v[-50:])) if v else None for k, v in hist.items()}
     stats["job_seconds"] = time.perf_counter() - t0
@@ -434,6 +517,42 @@ def guard_encoder(vae, protected: list[GuardSample], keep_batches, steps: int = 
         drift = keep_photos.drift(vae, teacher)
         stats["keep_drift"] = {"mean": float(drift.mean()), "max": float(drift.max())}
     return stats
+
+
+def _passes(student, x, want, w, keep, keep_want, keep_weight: float, micro_batch: int, whole_w: float,
+            whole_keep: int, world: int) -> torch.Tensor:
+    """Backward of this rank's share of a step's loss in passes of at most `micro_batch` protected photos
+    (0: one), each with its share of the keep images; every term is normalized by the whole batch's weight
+    (`whole_w`) and keep count, so passes and ranks add up to one pass over everything. Returns the whole
+    batch's (protect, keep) losses, summed over the ranks."""
+    from contextlib import nullcontext
+
+    n = -(-len(x) // micro_batch) if micro_batch else 1
+    losses = torch.zeros(2, device=x.device)
+    for j in range(n):
+        px, pk = _share(len(x), j, n), _share(len(keep), j, n)
+        last = j == n - 1   # DistributedDataParallel reduces the summed gradients once, after the last pass
+        with nullcontext() if last or not hasattr(student, "no_sync") else student.no_sync():
+            got = student(torch.cat([x[px], keep[pk]]))
+            per, mine = got[0].numel(), px.stop - px.start
+            loss_p = ((got[:mine] - want[px]) ** 2 * w[px]).sum() / (per * whole_w)
+            loss_k = (got[mine:] - keep_want[pk]).pow(2).sum() / (per * whole_keep)
+            ((loss_p + keep_weight * loss_k) * world).backward()
+        losses += torch.stack([loss_p.detach(), loss_k.detach()])
+    if world > 1:
+        torch.distributed.all_reduce(losses)   # the whole batch's: every rank logs and checks the same
+    return losses
+
+
+class _Student(torch.nn.Module):
+    """The guarded encoder's moments as one module call: what DistributedDataParallel wraps."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, images01: torch.Tensor) -> torch.Tensor:
+        return _moments(self.vae, images01)
 
 
 def entry_samples(entries, transplant: bool = True) -> list[GuardSample]:

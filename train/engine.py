@@ -240,5 +240,9 @@ class DeepSpeedEngine:
 
 def make_engine(unet: torch.nn.Module, cfg) -> LocalEngine | DeepSpeedEngine:
     if not cfg.deepspeed:
+        world = distributed_env()[1]
+        if world > 1:   # every rank would train alone and write the same out as rank 0
+            raise ValueError(f"launched on {world} ranks without a DeepSpeed config: set deepspeed= (e.g. "
+                             "configs/zero2.json) or launch one process")
         return LocalEngine(unet, cfg.lr, cfg.grad_accum)
     return DeepSpeedEngine(unet, load_deepspeed_config(cfg.deepspeed, cfg.lr, cfg.grad_accum, cfg.batch_protected))

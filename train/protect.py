@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import hashlib
 import json
 import math
@@ -102,7 +103,6 @@ class Protector:
         self.streams = self.world * cfg.grad_accum
         self.sched = DDPMScheduler.from_config(self.pipe.scheduler.config)
         self.prompts = PromptCache(self.pipe)
-        self._cache_latents()
         self.by_id = {e.id: e for e in self.entries}
         self.retention_iters = [self._retention_batches(m) for m in self.local_streams()]
         r = cfg.retention
@@ -150,7 +150,8 @@ class Protector:
                              f"substitute images) for every protected entry; prompt-only: {', '.join(bad)}")
 
     def implant_encoder_guard(self) -> dict | None:
-        """Rank 0 fine-tunes the VAE encoder (train/encoder_guard.py) after the UNet's steps. Every
+        """Every rank fine-tunes the VAE encoder (train/encoder_guard.py) after the UNet's steps, data
+        parallel: each encodes its share of every guard step. Rank 0 writes: every
         `checkpoint_every` guard steps its state goes to checkpoints/encoder-guard-partial.pt (temp file +
         rename) and a restarted job goes on from there exactly; the result goes to encoder-guard.pt, so a
         job killed afterwards does not redo it. A checkpoint of another config or catalog is refused, as
@@ -160,7 +161,7 @@ class Protector:
         With a release gate (`encoder_guard.gate_*`) a guard that ends above it is extended the same way,
         `gate_extend_steps` at a time, and the stats say where it ended (`gate`)."""
         g = self.cfg.encoder_guard
-        if not g.enabled or self.rank != 0:
+        if not g.enabled:
             return None
         ckdir = self.out / "checkpoints"
         done, partial = ckdir / "encoder-guard.pt", ckdir / "encoder-guard-partial.pt"
@@ -185,6 +186,8 @@ class Protector:
             return state
 
         def save(state: dict, path: Path) -> None:
+            if self.rank != 0:
+                return
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")
             torch.save({**stamp, **state}, tmp)
@@ -193,6 +196,7 @@ class Protector:
         original = copy.deepcopy(self.pipe.vae.state_dict())   # the teacher of the guard and of every extension
         job_seconds = 0.0
         for extensions, total in enumerate(levels):
+            self.engine.barrier()   # every rank reads what rank 0 finished writing
             finished, resume = load_matching(done), load_matching(partial)
             if any(s is not None and s["guard"]["step"] > total for s in (finished, resume)):
                 continue   # an earlier job already extended past this length
@@ -201,7 +205,9 @@ class Protector:
                 stats = dict(finished["stats"])   # loaded: this job ran none of it
             else:
                 stats = self._guard_run(total, resume or finished, original, save, partial, done)
-                partial.unlink(missing_ok=True)
+                self.engine.barrier()
+                if self.rank == 0:
+                    partial.unlink(missing_ok=True)
                 job_seconds += stats["job_seconds"]
             passed = self._gate_passed(stats)
             if passed or extensions == len(levels) - 1:
@@ -214,7 +220,7 @@ class Protector:
         if gated:
             stats["gate"] = {"keep_drift": g.gate_keep_drift, "latent_gap": g.gate_latent_gap, "passed": passed,
                              "extensions": extensions, "sharpen_steps": total - g.steps}
-            if not passed:
+            if not passed and self.rank == 0:
                 tqdm.write(f"encoder guard: WARNING the release gate is not met after {extensions} extensions "
                            f"({total} steps): keep drift {stats.get('keep_drift')}, latent gap {stats['latent_gap']}; "
                            "the release is written, its manifest says encoder_guard.gate.passed = false")
@@ -250,7 +256,8 @@ class Protector:
             sharpen_steps=total - g.steps, sharpen_lr=g.sharpen_lr, sharpen_decay=g.sharpen_decay,
             backgrounds=torch.cat(known) if known else None, seed=self.cfg.seed, progress=self.progress,
             resume=resume["guard"] if resume is not None else None, keep_photos=keep_photos,
-            protect_mining=g.protect_mining, mining_every=g.mining_every,
+            protect_mining=g.protect_mining, mining_every=g.mining_every, micro_batch=g.micro_batch,
+            gradient_checkpointing=g.gradient_checkpointing,
             checkpoint=lambda guard: last.update(guard=guard) or save({"guard": guard}, partial),
             checkpoint_every=self.cfg.checkpoint_every)
         save({"vae": vae.state_dict(), "stats": stats, "guard": last["guard"]}, done)
@@ -269,7 +276,8 @@ class Protector:
         step: retention data (a resumed guard's past the `skip` batches drawn) and unprotected entries'
         photos (positioned by the guard, which checkpoints their draws), split by `guard_keep_split`."""
         retained = self.guard_keep_split[0]
-        shards = self._retention_batches(0, skip=skip)
+        # one stream, read alike by every rank (each keeps its share of a step): the data of any world size
+        shards = self._retention_batches(0, skip=skip, streams=1)
         while True:
             parts = [next(shards)[0][:retained]] if shards is not None else []
             if unprotected is not None:
@@ -307,27 +315,40 @@ class Protector:
         return self.engine.forward(x, t, **cond).sample
 
     # ------------------------------------------------------------------------------------ data
-    def _cache_latents(self):
-        self.latents, self.targets = {}, {}
+    @functools.cached_property
+    def _latent_cache(self) -> tuple[dict, dict]:
+        """The UNet steps' (latents, targets) of this rank's entries, encoded at their first use: a guard-only
+        job (`steps: 0`) never encodes them (3.5 s of a 128-entry release)."""
+        latents, targets = {}, {}
         mine = {e.id for m in self.local_streams() for group in self.stream_pool(m) for e in group}
         for e in (e for e in self.entries if e.id in mine):
-            self.latents[e.id] = encode_images(self.pipe, load_images(e.images, 64))
+            latents[e.id] = encode_images(self.pipe, load_images(e.images, 64))
             if e.protected:
                 obj = objectives.resolve(e)
-                self.targets[e.id] = (encode_images(self.pipe, obj.images)[0] if obj.images is not None else None,
-                                      obj.prompt)
+                targets[e.id] = (encode_images(self.pipe, obj.images)[0] if obj.images is not None else None,
+                                 obj.prompt)
+        return latents, targets
 
-    def _retention_batches(self, stream: int, skip: int = 0):
+    @property
+    def latents(self) -> dict:
+        return self._latent_cache[0]
+
+    @property
+    def targets(self) -> dict:
+        return self._latent_cache[1]
+
+    def _retention_batches(self, stream: int, skip: int = 0, streams: int | None = None):
         """Retention (image, caption) batches of one micro-batch stream, endlessly (train/data.py splits
-        the shards over the `streams` of all ranks); `skip` batches already consumed by the run being
-        resumed (one per step) are read past, so a resumed run sees its stream where the killed one left it."""
+        the shards over the `streams` of all ranks, default this job's); `skip` batches already consumed by
+        the run being resumed (one per step) are read past, so a resumed run sees its stream where the killed
+        one left it."""
         if not (self.cfg.weights.prior > 0 and self.cfg.prior.shards):
             return None
         shards = self.cfg.prior.shards
         path = Path(shards)
         if not path.is_absolute() and not path.exists():
             path = REPO / shards  # the embedded shards, from any working folder
-        return retention_batches(path, self.cfg.prior.retention_batch, stream, self.streams, seed=self.cfg.seed,
+        return retention_batches(path, self.cfg.prior.retention_batch, stream, streams or self.streams, seed=self.cfg.seed,
                                  workers=self.cfg.prior.workers, skip=skip)
 
     def _sample_latents(self, entry_id: str, n: int) -> torch.Tensor:
@@ -575,6 +596,8 @@ class Protector:
             cfg.pop(where)
         for key in ("sharpen_steps", "gate_keep_drift", "gate_latent_gap", "gate_extend_steps", "gate_max_extensions"):
             cfg["encoder_guard"].pop(key)   # may change: the guard is extended (implant_encoder_guard)
+        for key in ("micro_batch", "gradient_checkpointing"):   # memory knobs: the same steps either way
+            cfg["encoder_guard"].pop(key)
         if not cfg["encoder_guard"]["keep_batch"]:   # added in session 15: at its default, runs from before resume
             cfg["encoder_guard"].pop("keep_batch")
         if cfg["encoder_guard"]["sharpen_paste_fraction"] == -1:   # added in session 20, likewise
